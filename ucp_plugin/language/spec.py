@@ -1,0 +1,124 @@
+"""A model family's checkpoint language: an ordered list of (name pattern -> split) rules, plus the
+placements that turn a rank-local parameter name into its global (atom) name.
+
+Vocabulary: a *local name* is what ``model.named_parameters()`` says on one rank (layer and expert
+indices local to its pipeline stage / expert-parallel rank); a *global name* is the atom's name, as a
+single-rank model would call it. Every parameter must match exactly one rule: an unmatched or
+doubly matched parameter is a SpecError naming it. There is no silent default.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from ..errors import LayoutError, SpecError
+from .splits import Replicated, Split
+
+PIPELINE = "pp"
+EXPERT = "ep"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Parameters whose global name fully matches ``pattern`` are split as ``split``.
+    ``tied_to`` names the global parameter whose atom this one shares (tied embeddings on the last
+    pipeline stage): it is read from that atom and never written twice."""
+    pattern: str
+    split: Split
+    tied_to: str | None = None
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"rule pattern {self.pattern!r} is not a valid regex: {e}") from None
+        if not isinstance(self.split, Split):
+            raise ValueError(f"rule {self.pattern!r}: split must be a Split, not {type(self.split).__name__}")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A name component whose index is local to a rank on ``axis`` ("pp": layers of a pipeline
+    stage; "ep": experts of an expert-parallel rank). ``pattern`` has exactly one group, the index."""
+    pattern: str
+    axis: str
+
+    def __post_init__(self):
+        if self.axis not in (PIPELINE, EXPERT):
+            raise ValueError(f"placement axis must be {PIPELINE!r} or {EXPERT!r}, not {self.axis!r}")
+        if re.compile(self.pattern).groups != 1:
+            raise ValueError(f"placement pattern {self.pattern!r} must have exactly one group (the index)")
+
+    def shift(self, name: str, delta: int) -> str:
+        def repl(m: re.Match) -> str:
+            idx = int(m.group(1)) + delta
+            return m.group(0)[: m.start(1) - m.start(0)] + str(idx) + m.group(0)[m.end(1) - m.start(0):]
+        return re.sub(self.pattern, repl, name)
+
+    def index(self, name: str) -> int | None:
+        m = re.search(self.pattern, name)
+        return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The checkpoint language of one model family instance (its rules depend on the config:
+    hidden size, heads, query groups, experts, tied embeddings)."""
+    family: str
+    rules: tuple[Rule, ...]
+    placements: tuple[Placement, ...] = ()
+    num_layers: int = 0
+    num_experts: int = 0
+    attributes: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.rules:
+            raise ValueError(f"model spec {self.family!r} has no rules")
+
+    def rule_for(self, global_name: str) -> Rule:
+        hits = [r for r in self.rules if re.fullmatch(r.pattern, global_name)]
+        if not hits:
+            raise SpecError(f"parameter {global_name!r} matches no rule of the {self.family!r} checkpoint "
+                            "language; add a rule for it in the model family's spec")
+        if len(hits) > 1:
+            raise SpecError(f"parameter {global_name!r} matches {len(hits)} rules of the {self.family!r} "
+                            f"language ({[r.pattern for r in hits]}); make the patterns exclusive")
+        return hits[0]
+
+    def split_for(self, global_name: str) -> Split:
+        return self.rule_for(global_name).split
+
+    def check_names(self, global_names: Iterable[str]) -> None:
+        """Every parameter matches exactly one rule (raises on the first that does not)."""
+        for name in global_names:
+            self.rule_for(name)
+
+    def to_global(self, local_name: str, offsets: Mapping[str, int]) -> str:
+        """Local name on a rank -> atom name; ``offsets`` gives the first global index per axis."""
+        for p in self.placements:
+            if offsets.get(p.axis):
+                local_name = p.shift(local_name, offsets[p.axis])
+        return local_name
+
+    def to_local(self, global_name: str, offsets: Mapping[str, int]) -> str:
+        for p in self.placements:
+            if offsets.get(p.axis):
+                global_name = p.shift(global_name, -offsets[p.axis])
+        return global_name
+
+    def check_layout(self, tp: int, pp: int, ep: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Raise LayoutError (with the valid choices) if TP/PP/EP cannot hold this model."""
+        if self.num_layers and pp > self.num_layers:
+            raise LayoutError(f"PP={pp} is larger than the {self.num_layers} layers of this "
+                              f"{self.family} model; valid PP sizes: 1..{self.num_layers}")
+        if ep > 1 and (not self.num_experts or self.num_experts % ep):
+            valid = [d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0] or [1]
+            raise LayoutError(f"EP={ep} does not divide the {self.num_experts} experts of this "
+                              f"{self.family} model; valid EP sizes: {valid}")
+        for name, shape in shapes.items():
+            self.split_for(name).check(name, tuple(shape), tp)
+
+
+def replicated_rule(pattern: str) -> Rule:
+    return Rule(pattern, Replicated())
