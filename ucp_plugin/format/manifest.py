@@ -1,0 +1,216 @@
+"""The manifest of a universal checkpoint (docs/FORMAT.md): frozen dataclasses and their JSON form.
+
+Pure data: no torch.distributed, no framework. ``Manifest.from_json`` validates what it reads and
+raises FormatError naming the file and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from ..errors import FormatError
+
+FORMAT_NAME = "ucp"
+FORMAT_VERSION = "1.0"
+MANIFEST = "ucp.json"
+ATOM_KINDS = ("param", "frozen", "buffer")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parallel layout that wrote (or will read) a checkpoint."""
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    sp: bool = False
+    zero_stage: int = 0
+    param_dtype: str = "float32"
+    master_dtype: str = "float32"
+    layers_per_stage: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        for k in ("tp", "pp", "dp", "ep"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ValueError(f"layout {k} must be a positive integer, not {getattr(self, k)!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"layout zero_stage must be 0, 1, 2 or 3, not {self.zero_stage!r}")
+        if self.layers_per_stage is not None and len(self.layers_per_stage) != self.pp:
+            raise ValueError(f"layers_per_stage {self.layers_per_stage} must have PP={self.pp} entries")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def describe(self) -> str:
+        parts = [f"TP{self.tp}", f"PP{self.pp}", f"DP{self.dp}"]
+        parts += [f"EP{self.ep}"] if self.ep > 1 else []
+        parts += ["SP"] if self.sp else []
+        return "·".join(parts) + f" ZeRO-{self.zero_stage} {self.param_dtype}"
+
+
+@dataclass(frozen=True)
+class Region:
+    """The part of an atom one TP rank holds: along ``dim``, the global ``intervals`` concatenated,
+    then ``pad`` padding rows that are not part of the atom."""
+    dim: int
+    intervals: tuple[tuple[int, int], ...]
+    pad: int = 0
+
+    @staticmethod
+    def whole(shape: tuple[int, ...]) -> "Region":
+        return Region(0, ((0, shape[0] if shape else 1),), 0)
+
+    def local_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        shape = tuple(shape) or (1,)
+        n = sum(e - s for s, e in self.intervals) + self.pad
+        return shape[: self.dim] + (n,) + shape[self.dim + 1:]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements ``[start, stop)`` of a region's local tensor (row-major), stored 1-D under ``key``."""
+    state: str
+    file: str
+    key: str
+    region: Region
+    start: int
+    stop: int
+    replica: int = 0
+    chunk_elems: int = 1 << 20
+    digests: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Atom:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    split: dict
+    states: dict[str, str]
+    scalars: dict[str, float | int] = field(default_factory=dict)
+    pieces: tuple[Piece, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Writer:
+    adapter: str
+    adapter_version: str
+    plugin_version: str
+    framework: str = ""
+    framework_version: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    writer: Writer
+    layout: Layout
+    atoms: tuple[Atom, ...]
+    files: tuple[FileEntry, ...] = ()
+    family: str | None = None
+    iteration: int | None = None
+    state_ranks: int = 0
+    format_version: str = FORMAT_VERSION
+
+    def atom(self, name: str) -> Atom:
+        index = self.__dict__.get("_index")
+        if index is None:
+            index = {a.name: a for a in self.atoms}
+            object.__setattr__(self, "_index", index)
+        try:
+            return index[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    def to_json(self) -> str:
+        d = {"format": FORMAT_NAME, "format_version": self.format_version,
+             "writer": asdict(self.writer), "layout": asdict(self.layout), "family": self.family,
+             "iteration": self.iteration, "atoms": [asdict(a) for a in self.atoms],
+             "files": [asdict(f) for f in self.files],
+             "state": {"common": "state/common", "per_rank": "state/rank-{rank:05d}",
+                       "ranks": self.state_ranks}}
+        return json.dumps(d, indent=1)
+
+    @staticmethod
+    def from_json(text: str, where: str = MANIFEST) -> "Manifest":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{where}: not valid JSON ({e}); the checkpoint is corrupt") from None
+        return _decode(d, where)
+
+
+def check_version(version: object, where: str) -> None:
+    try:
+        major, minor = (int(x) for x in str(version).split("."))
+    except ValueError:
+        raise FormatError(f"{where}: format_version {version!r} is not 'MAJOR.MINOR'") from None
+    ours = int(FORMAT_VERSION.split(".")[0])
+    if major > ours:
+        raise FormatError(f"{where}: written in format {version}, newer than this ucp_plugin reads "
+                          f"({FORMAT_VERSION}); upgrade ucp_plugin to load it")
+
+
+def _build(cls, d: dict, where: str, what: str):
+    names = {f.name for f in fields(cls)}
+    missing = [f.name for f in fields(cls) if _required(f) and f.name not in d]
+    if missing:
+        raise FormatError(f"{where}: {what} lacks field(s) {missing}")
+    try:
+        return cls(**{k: v for k, v in d.items() if k in names})
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{where}: bad {what}: {e}") from None
+
+
+def _required(f) -> bool:
+    from dataclasses import MISSING
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _decode_piece(p: dict, where: str) -> Piece:
+    r = p.get("region") or {}
+    region = _build(Region, {**r, "intervals": tuple(tuple(i) for i in r.get("intervals", ()))},
+                    where, "piece region")
+    return _build(Piece, {**p, "region": region, "digests": tuple(p.get("digests", ()))}, where, "piece")
+
+
+def _decode_atom(a: dict, where: str) -> Atom:
+    pieces = tuple(_decode_piece(p, where) for p in a.get("pieces", ()))
+    atom = _build(Atom, {**a, "shape": tuple(a.get("shape", ())), "pieces": pieces}, where, "atom")
+    if atom.kind not in ATOM_KINDS:
+        raise FormatError(f"{where}: atom {atom.name!r} has unknown kind {atom.kind!r}")
+    return atom
+
+
+def _decode(d: dict, where: str) -> Manifest:
+    if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+        raise FormatError(f"{where}: not a universal checkpoint manifest (format != {FORMAT_NAME!r})")
+    check_version(d.get("format_version"), where)
+    lay = dict(d.get("layout") or {})
+    if lay.get("layers_per_stage") is not None:
+        lay["layers_per_stage"] = tuple(lay["layers_per_stage"])
+    state = d.get("state") or {}
+    return Manifest(writer=_build(Writer, d.get("writer") or {}, where, "writer"),
+                    layout=_build(Layout, lay, where, "layout"),
+                    atoms=tuple(_decode_atom(a, where) for a in d.get("atoms", ())),
+                    files=tuple(_build(FileEntry, f, where, "file entry") for f in d.get("files", ())),
+                    family=d.get("family"), iteration=d.get("iteration"),
+                    state_ranks=int(state.get("ranks", 0)), format_version=str(d["format_version"]))
+
+
+def with_files(m: Manifest, files: tuple[FileEntry, ...]) -> Manifest:
+    return replace(m, files=files)

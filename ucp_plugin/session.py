@@ -1,0 +1,73 @@
+"""Distributed save orchestration shared by the framework adapters.
+
+``save_universal`` runs the writer protocol of ``storage.writer`` across ranks: a common staging
+folder, every rank writing its shard, rank 0 committing under an exclusive lock on the save folder
+(two jobs saving into one folder are serialised at commit; each has its own staging folder).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+from . import __version__
+from .comm import Comm
+from .format import Layout, Writer
+from .storage import ShardWriter, commit, prepare_staging, staging_name
+
+LOCK = ".ucp.lock"
+
+
+@dataclass(frozen=True)
+class SaveHeader:
+    """What rank 0 records in the manifest besides the atoms."""
+    adapter: str
+    adapter_version: str
+    framework: str
+    framework_version: str
+    layout: Layout
+    family: str | None = None
+    iteration: int | None = None
+
+    def writer(self) -> Writer:
+        return Writer(self.adapter, self.adapter_version, __version__, self.framework,
+                      self.framework_version)
+
+
+@contextmanager
+def save_lock(root: str):
+    fd = os.open(os.path.join(root, LOCK), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def save_universal(comm: Comm, root: str, tag: str, header: SaveHeader,
+                   fill: Callable[[ShardWriter], None], update_latest: bool = True) -> str:
+    """Every rank calls this; ``fill`` adds that rank's fragments and state. Returns the folder."""
+    if comm.rank == 0:
+        os.makedirs(root, exist_ok=True)
+    name = comm.broadcast_str(staging_name(tag))
+    staging = comm.run(lambda: prepare_staging(root, name))
+
+    def write_shard() -> None:
+        writer = ShardWriter(staging, comm.rank)
+        fill(writer)
+        writer.finish()
+
+    comm.run(write_shard)
+
+    def publish() -> str | None:
+        if comm.rank != 0:
+            return None
+        with save_lock(root):
+            return commit(root, staging, tag, comm.world_size, header.writer(), header.layout,
+                          header.family, header.iteration, update_latest)
+
+    comm.run(publish)
+    return os.path.join(root, tag)

@@ -1,0 +1,167 @@
+"""Reading a universal checkpoint: any fragment of any layout, fetching only the bytes it needs.
+
+``Checkpoint.open(path)`` accepts a checkpoint folder (with ``ucp.json``) or a save folder with a
+``latest`` file. ``read_fragment`` fills one target fragment from whichever stored pieces overlap
+it, reading for each piece only the chunk-aligned span that covers the overlap and verifying those
+chunks' SHA-256 (``verify=False`` skips it).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import torch
+
+from ..errors import FormatError, StateMismatchError
+from ..format import MANIFEST, Atom, Manifest, Piece, Region
+from ..language import split_from_json
+from ..plan import CopyPlan, apply, intersect, local_numel, runs
+from .files import load_tree, open_tensors, read_latest, tensor_bytes
+
+
+def resolve(path: str) -> str:
+    """The checkpoint folder that ``path`` names (itself, or ``path/<latest>``)."""
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such file or folder; pass a universal checkpoint folder")
+    if not os.path.isdir(path):
+        raise FormatError(f"{path}: is a file, not a folder; pass the checkpoint folder that holds "
+                          f"{MANIFEST} (or its parent with 'latest')")
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return path
+    tag = read_latest(path)
+    if tag is not None:
+        inner = os.path.join(path, tag)
+        if os.path.isfile(os.path.join(inner, MANIFEST)):
+            return inner
+        raise FormatError(f"{path}/latest names {tag!r}, but {inner} has no {MANIFEST}: that save never "
+                          "committed; point 'latest' at a committed tag")
+    if not os.listdir(path):
+        raise FormatError(f"{path}: folder is empty; it holds no checkpoint")
+    raise FormatError(f"{path}: no {MANIFEST} here, so this is not a committed universal checkpoint (an "
+                      "interrupted save leaves such a folder); load a committed tag or its parent "
+                      "folder with 'latest'")
+
+
+class Checkpoint:
+    def __init__(self, path: str, manifest: Manifest, verify: bool = True):
+        self.path, self.manifest, self.verify = path, manifest, verify
+        self._handles: dict[str, object] = {}
+        self.bytes_read = 0
+
+    @staticmethod
+    def open(path: str, verify: bool = True) -> "Checkpoint":
+        path = resolve(path)
+        where = os.path.join(path, MANIFEST)
+        with open(where) as f:
+            manifest = Manifest.from_json(f.read(), where)
+        return Checkpoint(path, manifest, verify)
+
+    def atom(self, name: str) -> Atom:
+        try:
+            return self.manifest.atom(name)
+        except KeyError:
+            raise StateMismatchError(f"parameter {name!r} is not in checkpoint {self.path}; the model "
+                                     "has a parameter the checkpoint lacks (a different model or "
+                                     "config?)") from None
+
+    def _handle(self, rel: str):
+        if rel not in self._handles:
+            self._handles[rel] = open_tensors(os.path.join(self.path, rel))
+        return self._handles[rel]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def read_fragment(self, name: str, state: str, region: Region, start: int, stop: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Local elements ``[start, stop)`` of ``region`` of atom ``name``'s ``state``. Padding
+        elements (vocabulary padding) are zero."""
+        atom = self.atom(name)
+        if state not in atom.states:
+            raise StateMismatchError(f"parameter {name!r} has no state {state!r} in {self.path} "
+                                     f"(it has {sorted(atom.states)})")
+        out = torch.zeros(stop - start, dtype=dtype)
+        target = runs(region, atom.shape, start, stop)
+        pieces = [p for p in atom.pieces if p.state == state]
+        reduce = split_from_json(atom.split).reduce if atom.split.get("kind") == "replicated" else "first"
+        replicas = sorted({p.replica for p in pieces}) if reduce != "first" else [0]
+        filled = 0
+        acc = None
+        for replica in replicas:
+            part = torch.zeros_like(out) if len(replicas) > 1 else out
+            filled = self._fill(atom, [p for p in pieces if p.replica == replica], target, part)
+            acc = self._combine(name, reduce, acc, part)
+        if filled != target.total:
+            raise FormatError(f"{self.path}: the pieces of {name!r} state {state!r} cover {filled} of the "
+                              f"{target.total} elements asked for; the checkpoint is incomplete")
+        if len(replicas) > 1:
+            out.copy_(acc / len(replicas) if reduce == "average" else acc)
+        return out
+
+    @staticmethod
+    def _combine(name, reduce, acc, part):
+        if acc is None:
+            return part.clone() if reduce == "average" else part
+        if reduce == "check" and not torch.equal(acc, part):
+            raise FormatError(f"replicated parameter {name!r}: tensor-parallel copies differ; load with "
+                              "reduce='average' or 'first' in the model spec if that is expected")
+        return acc + part if reduce == "average" else acc
+
+    def _fill(self, atom: Atom, pieces: list[Piece], target, out: torch.Tensor) -> int:
+        filled = 0
+        for piece in pieces:
+            plan = intersect(target, runs(piece.region, atom.shape, piece.start, piece.stop))
+            if not len(plan):
+                continue
+            lo, hi = self._span(piece, plan)
+            data = self._read(piece, lo, hi, out.dtype)
+            apply(plan, data, out, src_base=lo)
+            filled += plan.total
+        return filled
+
+    @staticmethod
+    def _span(piece: Piece, plan: CopyPlan) -> tuple[int, int]:
+        lo, hi = plan.src_span()
+        c = piece.chunk_elems
+        n = piece.stop - piece.start
+        return (lo // c) * c, min(-(-hi // c) * c, n)
+
+    def _read(self, piece: Piece, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        handle = self._handle(piece.file)
+        try:
+            data = handle.get_slice(piece.key)[lo:hi]
+        except Exception as e:  # missing key or truncated data
+            raise FormatError(f"{os.path.join(self.path, piece.file)}: cannot read {piece.key!r} ({e}); "
+                              "the file is corrupt or from another checkpoint — re-save it") from None
+        self.bytes_read += data.numel() * data.element_size()
+        if self.verify:
+            self._check_chunks(piece, data, lo)
+        return data.to(dtype)
+
+    def _check_chunks(self, piece: Piece, data: torch.Tensor, lo: int) -> None:
+        c = piece.chunk_elems
+        for i in range(0, data.numel(), c):
+            k = (lo + i) // c
+            digest = hashlib.sha256(tensor_bytes(data[i:i + c])).hexdigest()
+            if k >= len(piece.digests) or digest != piece.digests[k]:
+                raise FormatError(f"{os.path.join(self.path, piece.file)}: {piece.key!r} chunk {k} fails "
+                                  "its SHA-256 check (the file was modified or damaged); restore the "
+                                  "file or re-save, or load with verify=False to skip checks")
+
+    def read_atom(self, name: str, state: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        atom = self.atom(name)
+        dtype = dtype or getattr(torch, atom.states[state])
+        region = Region.whole(atom.shape)
+        return self.read_fragment(name, state, region, 0, atom.numel, dtype).reshape(atom.shape)
+
+    def load_state(self, rank: int | None = None):
+        stem = "common" if rank is None else f"rank-{rank:05d}"
+        return load_tree(os.path.join(self.path, "state", stem))
+
+    def has_state(self, rank: int | None = None) -> bool:
+        stem = "common" if rank is None else f"rank-{rank:05d}"
+        return os.path.isfile(os.path.join(self.path, "state", stem + ".json"))
+
+
+def fragment_numel(atom: Atom, region: Region) -> int:
+    return local_numel(region, atom.shape)
+
