@@ -58,7 +58,7 @@ def write_tp2_dp2(root, tag="step1"):
         w.finish()
         staging_roots.append(staging)
     from ucp_plugin.storage.writer import commit
-    commit(root, staging_roots[0], tag, 4, HEADER.writer(), HEADER.layout, "test", 1)
+    commit(root, staging_roots[0], tag, 4, HEADER.manifest())
     return atom, shape, split
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import fcntl
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import __version__
 from .comm import Comm
-from .format import Layout, Writer
+from .format import Layout, Manifest, Writer
 from .storage import ShardWriter, commit, prepare_staging, staging_name
 
 LOCK = ".ucp.lock"
@@ -30,10 +30,14 @@ class SaveHeader:
     layout: Layout
     family: str | None = None
     iteration: int | None = None
+    model: dict = field(default_factory=dict)
 
-    def writer(self) -> Writer:
-        return Writer(self.adapter, self.adapter_version, __version__, self.framework,
-                      self.framework_version)
+    def manifest(self) -> Manifest:
+        """The manifest without atoms and files (rank 0 completes it at commit)."""
+        writer = Writer(self.adapter, self.adapter_version, __version__, self.framework,
+                        self.framework_version)
+        return Manifest(writer, self.layout, (), family=self.family, iteration=self.iteration,
+                        model=dict(self.model))
 
 
 @contextmanager
@@ -66,8 +70,7 @@ def save_universal(comm: Comm, root: str, tag: str, header: SaveHeader,
         if comm.rank != 0:
             return None
         with save_lock(root):
-            return commit(root, staging, tag, comm.world_size, header.writer(), header.layout,
-                          header.family, header.iteration, update_latest)
+            return commit(root, staging, tag, comm.world_size, header.manifest(), update_latest)
 
     comm.run(publish)
     return os.path.join(root, tag)

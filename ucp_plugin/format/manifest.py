@@ -124,6 +124,7 @@ class Manifest:
     family: str | None = None
     iteration: int | None = None
     state_ranks: int = 0
+    model: dict = field(default_factory=dict)
     format_version: str = FORMAT_VERSION
 
     def atom(self, name: str) -> Atom:
@@ -139,7 +140,7 @@ class Manifest:
     def to_json(self) -> str:
         d = {"format": FORMAT_NAME, "format_version": self.format_version,
              "writer": asdict(self.writer), "layout": asdict(self.layout), "family": self.family,
-             "iteration": self.iteration, "atoms": [asdict(a) for a in self.atoms],
+             "iteration": self.iteration, "model": self.model, "atoms": [asdict(a) for a in self.atoms],
              "files": [asdict(f) for f in self.files],
              "state": {"common": "state/common", "per_rank": "state/rank-{rank:05d}",
                        "ranks": self.state_ranks}}
@@ -209,7 +210,7 @@ def _decode(d: dict, where: str) -> Manifest:
                     atoms=tuple(_decode_atom(a, where) for a in d.get("atoms", ())),
                     files=tuple(_build(FileEntry, f, where, "file entry") for f in d.get("files", ())),
                     family=d.get("family"), iteration=d.get("iteration"),
-                    state_ranks=int(state.get("ranks", 0)), format_version=str(d["format_version"]))
+                    state_ranks=int(state.get("ranks", 0)), model=dict(d.get("model") or {}), format_version=str(d["format_version"]))
 
 
 def with_files(m: Manifest, files: tuple[FileEntry, ...]) -> Manifest:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from ..errors import FormatError
-from ..format import MANIFEST, Atom, FileEntry, Layout, Manifest, Piece, Region, Writer
+from ..format import MANIFEST, Atom, FileEntry, Manifest, Piece, Region
 from . import faults
 from .files import atomic_write_text, chunk_digests, fsync_dir, save_tensors, save_tree, sha256_file, \
     write_latest
@@ -128,13 +128,13 @@ def _file_entries(staging: str) -> tuple[FileEntry, ...]:
     return tuple(entries)
 
 
-def commit(root: str, staging: str, tag: str, world_size: int, writer: Writer, layout: Layout,
-           family: str | None = None, iteration: int | None = None, update_latest: bool = True) -> str:
-    """Rank 0 only: build and write the manifest (the commit marker) and publish ``<root>/<tag>``."""
+def commit(root: str, staging: str, tag: str, world_size: int, header: Manifest,
+           update_latest: bool = True) -> str:
+    """Rank 0 only: complete ``header`` (writer, layout, family, iteration, model) with the ranks'
+    atoms and the file list, write it (the commit marker) and publish ``<root>/<tag>``."""
     atoms = _merge_indexes(staging, world_size)
     faults.point("before_manifest", 0)
-    manifest = Manifest(writer, layout, tuple(atoms), _file_entries(staging), family, iteration,
-                        state_ranks=world_size)
+    manifest = replace(header, atoms=tuple(atoms), files=_file_entries(staging), state_ranks=world_size)
     atomic_write_text(os.path.join(staging, MANIFEST), manifest.to_json())
     faults.point("after_manifest", 0)
     final = os.path.join(root, tag)
@@ -157,6 +157,3 @@ def _publish(staging: str, final: str) -> None:
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def rewrite_manifest(path: str, manifest: Manifest) -> None:
-    atomic_write_text(os.path.join(path, MANIFEST), replace(manifest).to_json())

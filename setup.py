@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ucp-plugin",
+    version="0.1.0",
+    description="Universal Checkpointing (arXiv 2406.18820) for DeepSpeed and Megatron-core: "
+                "save on one parallel layout, resume on any other, with no offline conversion",
+    packages=find_packages(include=["ucp_plugin", "ucp_plugin.*"]),
+    python_requires=">=3.10",
+    # The ranges the plugin supports; CI pins torch 2.13.0 / deepspeed 0.19.8 / megatron-core 0.16.1.
+    install_requires=[
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "packaging",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.16,<0.20"],
+        "megatron": ["megatron-core>=0.12,<0.17"],
+        "recipes": ["matplotlib"],
+        "test": ["pytest", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["ucp=ucp_plugin.cli.main:main"]},
+)

@@ -1,0 +1,92 @@
+"""The ``ucp`` command line: inspect, verify, convert, export, validate.
+
+Each subcommand parses its flags and calls a library function in ``ucp_plugin.tools`` with plain
+values; no argparse namespace goes into the library. Exit codes: 0 ok, 1 problems found / not
+loadable, 2 bad usage or an unreadable checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import UCPError
+
+
+def _inspect(args) -> int:
+    from ..tools.inspect import render, report
+    r = report(args.path)
+    print(json.dumps(r.to_json(), indent=1) if args.json else render(r))
+    return 0
+
+
+def _verify(args) -> int:
+    from ..tools.verify import verify
+    problems = verify(args.path, hashes=not args.no_hashes)
+    for p in problems:
+        print(p)
+    print(f"{args.path}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def _convert(args) -> int:
+    from ..tools.convert import convert
+    out = convert(args.path, args.out)
+    print(f"wrote consolidated checkpoint {out}")
+    return 0
+
+
+def _export(args) -> int:
+    from ..tools.convert import export_weights
+    out = export_weights(args.path, args.out, dtype=args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
+def _validate(args) -> int:
+    from ..tools.validate import validate
+    verdict = validate(args.path, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, zero_stage=args.zero_stage)
+    print(verdict.render())
+    return 0 if verdict.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ucp", description="Universal checkpoint tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("inspect", help="print what a checkpoint is")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=_inspect)
+    s = sub.add_parser("verify", help="check completeness, hashes, shapes, dtypes, coverage")
+    s.add_argument("path")
+    s.add_argument("--no-hashes", action="store_true", help="skip whole-file SHA-256 checks")
+    s.set_defaults(fn=_verify)
+    s = sub.add_parser("convert", help="rewrite in consolidated form: one safetensors file per atom")
+    s.add_argument("path")
+    s.add_argument("out")
+    s.set_defaults(fn=_convert)
+    s = sub.add_parser("export", help="write the model weights as one safetensors file")
+    s.add_argument("path")
+    s.add_argument("out")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.set_defaults(fn=_export)
+    s = sub.add_parser("validate", help="can this checkpoint be loaded on a layout? (exit 0/1)")
+    s.add_argument("path")
+    for flag in ("tp", "pp", "dp", "ep"):
+        s.add_argument(f"--{flag}", type=int, default=1)
+    s.add_argument("--zero-stage", type=int, default=None)
+    s.set_defaults(fn=_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UCPError as e:
+        print(f"ucp {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
