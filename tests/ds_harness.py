@@ -142,9 +142,9 @@ def init_deepspeed():
     return deepspeed
 
 
-def make_engine(config: dict, init_seed: int = 0, split_groups: bool = False, model: dict | None = None):
+def make_engine(config: dict, net: nn.Module, split_groups: bool = False):
+    """``deepspeed.initialize`` on ``net``; without an "optimizer" in ``config`` a torch AdamW client."""
     deepspeed = init_deepspeed()
-    net = build_model(init_seed, **(model or {}))
     client = None
     if "optimizer" not in config:
         groups = param_groups(net, split_groups)
@@ -180,7 +180,7 @@ def train(config: dict, steps: int = 5, seed: int = 0, init_seed: int = 0, save_
     (e.g. ``["ucp_plugin.deepspeed"]``)."""
     for name in imports or []:
         importlib.import_module(name)
-    engine = make_engine(config, init_seed, split_groups, model)
+    engine = make_engine(config, build_model(init_seed, **(model or {})), split_groups)
     client = {}
     if load_dir:
         path, client = engine.load_checkpoint(load_dir, tag=tag, **(load_kwargs or {}))

@@ -2,15 +2,18 @@
 
 Terms (line numbers: deepspeed 0.19.8, see docs/deepspeed-internals.md):
 
-- *group*: the parameters of one optimizer param group that DeepSpeed optimizes, in optimizer order,
-  as ``(name, numel)``. DeepSpeed drops frozen and zero-element parameters from every wrapper
-  (``is_optimized_parameter``, runtime/utils.py:815); callers must drop them too.
+- *group*: the parameters of one optimizer param group as the base optimizer holds them, in order,
+  as ``(name, numel)``. Every wrapper drops frozen and zero-element parameters
+  (``is_optimized_parameter``, runtime/utils.py:815), so callers must drop them too, except for
+  stage 0 fp32, where no wrapper exists and the torch optimizer keeps whatever it was given (frozen
+  parameters included: they get an index and a buffer, but never a state).
 - *buffer*: one 1-D fp32 tensor the base optimizer sees as a single parameter, so it has one state
   entry (``exp_avg``/``exp_avg_sq`` of the same length, a ``step``). ``Buffer.index`` is its position
   in the base optimizer's parameter order, i.e. its key in ``optimizer.state_dict()["state"]``.
 - *fragment*: a contiguous run of one parameter's (flattened, row-major) elements in a buffer.
-- *padding*: buffer elements that belong to no parameter (zeros in the weights; whatever the
-  optimizer left in the states, which a loader must not trust).
+- *padding*: buffer elements that belong to no parameter. Zeros in the flat kinds' weights, but
+  uninitialised memory in ZeRO-3 (``ds_tensor`` is ``torch.empty``, partition_parameters.py:1836);
+  optimizer states there are whatever the optimizer computed. Never save or trust padding.
 
 Kinds of optimizer wrapper (chosen by ``optimizer_kind``, mirroring engine.py:2294):
 
@@ -246,9 +249,11 @@ def _zero3_buffers(groups: Sequence[Group], dp: int, sub_group_size: int) -> lis
 def _per_param_buffers(groups: Sequence[Group], dp: int) -> list[Buffer]:
     buffers, index = [], 0
     for g, group in enumerate(groups):
-        _check_positive([k for _, k in group])
+        if not group:
+            raise LayoutError(f"param group {g} is empty; drop empty groups as DeepSpeed does (engine.py:2348)")
         for name, n in group:
-            buffers.extend(Buffer(r, index, g, n, (Fragment(name, 0, n, 0),)) for r in range(dp))
+            frags = (Fragment(name, 0, n, 0),) if n else ()  # zero-element: indexed, holds nothing
+            buffers.extend(Buffer(r, index, g, n, frags) for r in range(dp))
             index += 1
     return buffers
 

@@ -18,6 +18,13 @@ from ..plan import CopyPlan, apply, intersect, local_numel, runs
 from .files import load_tree, open_tensors, read_latest, tensor_bytes
 
 
+def _inode(folder: str) -> int | None:
+    try:
+        return os.stat(folder).st_ino
+    except FileNotFoundError:
+        return None
+
+
 def resolve(path: str) -> str:
     """The checkpoint folder that ``path`` names (itself, or ``path/<latest>``)."""
     if not os.path.exists(path):
@@ -49,11 +56,27 @@ class Checkpoint:
 
     @staticmethod
     def open(path: str, verify: bool = True) -> "Checkpoint":
-        path = resolve(path)
-        where = os.path.join(path, MANIFEST)
-        with open(where) as f:
-            manifest = Manifest.from_json(f.read(), where)
-        return Checkpoint(path, manifest, verify)
+        """Open a committed checkpoint and map all its tensor files at once. A save that publishes a
+        new checkpoint under the same tag swaps the folder (a new inode); mapping the files while
+        the folder is unchanged pins one consistent version even if it is replaced later."""
+        for _ in range(10):
+            folder = resolve(path)
+            inode = os.stat(folder).st_ino
+            where = os.path.join(folder, MANIFEST)
+            with open(where) as f:
+                manifest = Manifest.from_json(f.read(), where)
+            ck = Checkpoint(folder, manifest, verify)
+            try:
+                for rel in sorted({p.file for a in manifest.atoms for p in a.pieces}):
+                    ck._handle(rel)
+            except FormatError:
+                if _inode(folder) == inode:
+                    raise
+                continue
+            if _inode(folder) == inode:
+                return ck
+        raise FormatError(f"{path}: the checkpoint kept changing while being opened (another job is "
+                          "saving into it); retry when that save is done")
 
     def atom(self, name: str) -> Atom:
         try:

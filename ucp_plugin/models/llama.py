@@ -1,0 +1,22 @@
+"""LLaMA in megatron-core: RMSNorm (no bias), SwiGLU MLP with a fused [gate; up] fc1, grouped-query
+attention with a fused QKV, rotary position embeddings (no parameters), untied output layer, no
+linear biases.
+"""
+from __future__ import annotations
+
+from ..language import ModelSpec
+from . import _blocks as b
+from .config import Architecture, ModelConfig, resolve
+
+ARCH = Architecture(family="llama", norm="RMSNorm", glu=True, bias=False, position="rope",
+                    activation="silu")
+
+
+def spec(config: ModelConfig | None = None, **sizes) -> ModelSpec:
+    cfg = resolve(config, sizes)
+    if cfg.experts:
+        raise ValueError("llama.spec: this family has a dense MLP; for experts use ucp_plugin.models.mixtral")
+    rules = (b.embedding_rules(cfg, ARCH) + b.norm_rules(ARCH, moe=False) + b.attention_rules(cfg, ARCH)
+             + b.mlp_rules(b.LAYER + r"mlp\.", cfg.ffn, ARCH) + b.output_rules(cfg))
+    return ModelSpec(family=ARCH.family, rules=rules, placements=(b.LAYER_PLACEMENT,),
+                     num_layers=cfg.layers, attributes=b.attributes(cfg))
