@@ -1,0 +1,1 @@
+"""Recipes: train a model family on layout A, save a universal checkpoint, resume on layout B."""
