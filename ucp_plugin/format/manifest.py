@@ -77,7 +77,7 @@ class Piece:
     start: int
     stop: int
     replica: int = 0
-    chunk_elems: int = 1 << 20
+    chunk_elems: int = 1 << 16
     digests: tuple[str, ...] = ()
 
 

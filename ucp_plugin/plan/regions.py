@@ -42,8 +42,24 @@ class CopyPlan:
         return int(self.length.sum())
 
     def src_span(self) -> tuple[int, int]:
-        """The smallest source range covering every copy (what a reader must fetch)."""
+        """The smallest source range covering every copy."""
         return int(self.src.min()), int((self.src + self.length).max())
+
+    def read_spans(self, align: int, size: int) -> list[tuple[int, int, "CopyPlan"]]:
+        """Source ranges to fetch, aligned to ``align``-element chunks (the unit a reader verifies)
+        and clipped to ``size``: chunks no copy touches are skipped, so a reader fetches at most
+        one partial chunk per end of each span beyond what it needs."""
+        order = np.argsort(self.src, kind="stable")
+        src, dst, n = self.src[order], self.dst[order], self.length[order]
+        first_chunk, last_chunk = src // align, (src + n - 1) // align
+        # a new span starts where a copy begins beyond the chunk the previous copies ended in
+        breaks = np.nonzero(first_chunk[1:] > np.maximum.accumulate(last_chunk)[:-1] + 1)[0] + 1
+        spans = []
+        for idx in np.split(np.arange(len(src)), breaks):
+            lo = int(first_chunk[idx[0]]) * align
+            hi = min(int(last_chunk[idx].max() + 1) * align, size)
+            spans.append((lo, hi, CopyPlan(src[idx], dst[idx], n[idx])))
+        return spans
 
 
 def _norm_dim(dim: int, ndim: int) -> int:

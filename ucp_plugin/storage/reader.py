@@ -14,7 +14,7 @@ import torch
 from ..errors import FormatError, StateMismatchError
 from ..format import MANIFEST, Atom, Manifest, Piece, Region
 from ..language import split_from_json
-from ..plan import CopyPlan, apply, intersect, local_numel, runs
+from ..plan import apply, intersect, local_numel, runs
 from .files import load_tree, open_tensors, read_latest, tensor_bytes
 
 
@@ -135,18 +135,10 @@ class Checkpoint:
             plan = intersect(target, runs(piece.region, atom.shape, piece.start, piece.stop))
             if not len(plan):
                 continue
-            lo, hi = self._span(piece, plan)
-            data = self._read(piece, lo, hi, out.dtype)
-            apply(plan, data, out, src_base=lo)
+            for lo, hi, part in plan.read_spans(piece.chunk_elems, piece.stop - piece.start):
+                apply(part, self._read(piece, lo, hi, out.dtype), out, src_base=lo)
             filled += plan.total
         return filled
-
-    @staticmethod
-    def _span(piece: Piece, plan: CopyPlan) -> tuple[int, int]:
-        lo, hi = plan.src_span()
-        c = piece.chunk_elems
-        n = piece.stop - piece.start
-        return (lo // c) * c, min(-(-hi // c) * c, n)
 
     def _read(self, piece: Piece, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
         handle = self._handle(piece.file)

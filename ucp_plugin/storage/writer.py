@@ -24,7 +24,7 @@ from . import faults
 from .files import atomic_write_text, chunk_digests, fsync_dir, save_tensors, save_tree, sha256_file, \
     write_latest
 
-CHUNK_ELEMS = 1 << 20
+CHUNK_ELEMS = 1 << 16  # 256 KiB of fp32: the read-verification unit
 SHARDS, INDEX, STATE = "shards", "index", "state"
 
 

@@ -1,0 +1,135 @@
+"""Build megatron-core's ``GPTModel`` for one pipeline stage of a layout, from a family
+(``ucp_plugin.models.<family>``: its ``ARCH`` and ``spec``) and a ``ModelConfig``, with the local
+(non-Transformer-Engine) layer spec; and name a rank's parameters globally.
+
+Needs megatron's ``parallel_state`` initialised for the layout (``layout.init_parallel_state``). On a
+CPU-only machine install ``cpu_shim`` first.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import replace
+from types import ModuleType
+
+import torch
+
+from ..language import EXPERT, PIPELINE, ModelSpec
+from ..models.config import Architecture, ModelConfig
+from .layout import MegatronLayout
+
+FAMILIES = ("gpt", "llama", "mixtral")
+
+
+def family_module(family: str) -> ModuleType:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES}")
+    return importlib.import_module(f"ucp_plugin.models.{family}")
+
+
+def model_spec(family: str, cfg: ModelConfig) -> ModelSpec:
+    return family_module(family).spec(cfg)
+
+
+def padded_vocab(cfg: ModelConfig, tp: int) -> int:
+    """Megatron pads the vocabulary to a multiple of ``divisible_by * TP`` (the extra rows exist
+    in the embedding and output layer of that layout only)."""
+    multiple = cfg.divisible_by * tp
+    return -(-cfg.vocab // multiple) * multiple
+
+
+def transformer_config(arch: Architecture, cfg: ModelConfig, layout: MegatronLayout, **overrides):
+    """A fp32, dropout-free TransformerConfig with every fusion that needs CUDA/apex/TE turned off."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        num_layers=cfg.layers, hidden_size=cfg.hidden, num_attention_heads=cfg.heads,
+        num_query_groups=cfg.groups, ffn_hidden_size=cfg.ffn,
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep, sequence_parallel=layout.sp,
+        num_layers_in_first_pipeline_stage=layout.first_stage_layers,
+        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
+        pipeline_dtype=torch.float32, params_dtype=torch.float32,
+        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
+        normalization=arch.norm, gated_linear_unit=arch.glu, add_bias_linear=arch.bias,
+        activation_func=torch.nn.functional.gelu if arch.activation == "gelu" else torch.nn.functional.silu,
+        bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False)
+    if arch.moe:
+        kwargs.update(num_moe_experts=cfg.experts, moe_router_topk=cfg.topk,
+                      moe_ffn_hidden_size=cfg.expert_ffn, moe_token_dispatcher_type="alltoall",
+                      moe_grouped_gemm=cfg.grouped_mlp, moe_permute_fusion=False)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+class SequenceParallelNorm:
+    """A torch LayerNorm/RMSNorm usable with sequence parallelism. Megatron's ``WrappedTorchNorm``
+    refuses SP because, with the sequence split over TP, each TP rank sees a part of the tokens and
+    the norm's gradient must be summed over TP; megatron's ``finalize_model_grads`` does that for
+    parameters marked ``sequence_parallel`` (as apex/TE norms mark theirs), so this norm marks them."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        norm_cls = torch.nn.LayerNorm if config.normalization == "LayerNorm" else torch.nn.RMSNorm
+        norm = norm_cls(hidden_size, eps=eps)
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+        return norm
+
+
+def layer_spec(arch: Architecture, cfg: ModelConfig, config):
+    """The local layer spec; with sequence parallelism, a block spec whose norms are
+    ``SequenceParallelNorm`` (same parameter names and shapes as the stock spec)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(num_experts=cfg.experts or None, moe_grouped_gemm=cfg.grouped_mlp,
+                                    normalization=arch.norm)
+    if not config.sequence_parallel:
+        return spec
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    submodules = replace(spec.submodules, input_layernorm=SequenceParallelNorm,
+                         pre_mlp_layernorm=SequenceParallelNorm)
+    spec = replace(spec, submodules=submodules)
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelNorm)
+
+
+def build_stage_model(family: str, cfg: ModelConfig, layout: MegatronLayout, **config_overrides):
+    """This rank's GPTModel (its pipeline stage, TP shard and experts)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    arch = family_module(family).ARCH
+    layout.check_model(cfg.layers, cfg.experts)
+    config = transformer_config(arch, cfg, layout, **config_overrides)
+    return GPTModel(config=config, transformer_layer_spec=layer_spec(arch, cfg, config),
+                    vocab_size=padded_vocab(cfg, layout.tp), max_sequence_length=cfg.seq_length,
+                    pre_process=parallel_state.is_pipeline_first_stage(),
+                    post_process=parallel_state.is_pipeline_last_stage(),
+                    share_embeddings_and_output_weights=cfg.tied, position_embedding_type=arch.position)
+
+
+def name_offsets(model, cfg: ModelConfig) -> dict[str, int]:
+    """First global index of this rank's layers ("pp") and experts ("ep"), for ``ModelSpec.to_global``."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offsets = {PIPELINE: get_transformer_layer_offset(model.config)}
+    if cfg.experts:
+        local_experts = cfg.experts // parallel_state.get_expert_model_parallel_world_size()
+        offsets[EXPERT] = parallel_state.get_expert_model_parallel_rank() * local_experts
+    return offsets
+
+
+def global_named_parameters(model, spec: ModelSpec, cfg: ModelConfig):
+    """(global name, parameter) for this rank's parameters."""
+    offsets = name_offsets(_unwrap(model), cfg)
+    return [(spec.to_global(name, offsets), param) for name, param in _unwrap(model).named_parameters()]
+
+
+def _unwrap(model):
+    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
