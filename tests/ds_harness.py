@@ -95,7 +95,8 @@ def micro_size(global_size: int, dp: int, cap: int = 4) -> int:
 
 
 def ds_config(stage: int, dtype: str = "fp32", dp: int = 1, *, global_batch: int = 12, lr: float = 3e-3,
-              grad_accum_dtype: str | None = None, optimizer: str = "adamw", **zero) -> dict:
+              grad_accum_dtype: str | None = None, optimizer: str = "adamw", universal: bool = False,
+              **zero) -> dict:
     """A DeepSpeed config whose global batch is fixed whatever ``dp``; ``zero`` adds zero_optimization keys."""
     if global_batch % dp:
         raise ValueError(f"global_batch {global_batch} must be divisible by dp {dp}")
@@ -121,6 +122,8 @@ def ds_config(stage: int, dtype: str = "fp32", dp: int = 1, *, global_batch: int
         raise ValueError(f"dtype must be 'fp32' or 'bf16', not {dtype!r}")
     if grad_accum_dtype:
         cfg["data_types"] = {"grad_accum_dtype": grad_accum_dtype}
+    if universal:
+        cfg["checkpoint"] = {"universal": True}
     return cfg
 
 
@@ -173,11 +176,22 @@ def run_steps(engine, steps: int, seed: int, model: dict | None = None) -> list[
     return losses
 
 
+def weights_digest(engine) -> float:
+    """Sum (float64) of every parameter and persistent buffer as the model sees them: ZeRO-3
+    parameters are gathered first. Equal digests of two engines mean the same weights up to rounding."""
+    import deepspeed
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+        total = sum(p.detach().double().sum().item() for p in params)
+    return total + sum(b.double().sum().item() for _, b in engine.module.named_buffers() if b.dtype.is_floating_point)
+
+
 def train(config: dict, steps: int = 5, seed: int = 0, init_seed: int = 0, save_dir: str | None = None,
           load_dir: str | None = None, tag: str | None = None, split_groups: bool = False,
-          model: dict | None = None, imports: list[str] | None = None, load_kwargs: dict | None = None) -> dict:
-    """Worker: build, optionally load, train ``steps``, optionally save. ``imports`` are imported first
-    (e.g. ``["ucp_plugin.deepspeed"]``)."""
+          model: dict | None = None, imports: list[str] | None = None, load_kwargs: dict | None = None,
+          save_at: int | None = None) -> dict:
+    """Worker: build, optionally load, train ``steps``, optionally save after ``save_at`` steps
+    (default: at the end). ``imports`` are imported first (e.g. ``["ucp_plugin.deepspeed"]``)."""
     for name in imports or []:
         importlib.import_module(name)
     engine = make_engine(config, build_model(init_seed, **(model or {})), split_groups)
@@ -186,9 +200,34 @@ def train(config: dict, steps: int = 5, seed: int = 0, init_seed: int = 0, save_
         path, client = engine.load_checkpoint(load_dir, tag=tag, **(load_kwargs or {}))
         if path is None:
             raise RuntimeError(f"no checkpoint loaded from {load_dir} (tag {tag})")
-    start = engine.global_steps
-    losses = run_steps(engine, steps, seed, model)
+    start, digest = engine.global_steps, weights_digest(engine)
+    save_at = steps if save_at is None else save_at
+    losses = run_steps(engine, save_at, seed, model)
     if save_dir:
-        engine.save_checkpoint(save_dir, tag=tag, client_state={"harness_seed": seed})
+        engine.save_checkpoint(save_dir, tag=tag, client_state={"harness_seed": seed, "losses": losses})
+    losses += run_steps(engine, steps - save_at, seed, model)
+    engine.destroy()
     return {"rank": int(os.environ.get("RANK", 0)), "start_step": start, "losses": losses,
-            "client_state_keys": sorted(client) if client else []}
+            "digest_after_load": digest, "client_state": _jsonable(client)}
+
+
+def _jsonable(client: dict) -> dict:
+    return {k: v for k, v in (client or {}).items() if isinstance(v, (int, float, str, list, bool))}
+
+
+def train_many(runs: list[dict]) -> list[dict]:
+    """Worker: several ``train`` runs one after the other in this process (one launch, many engines).
+    A run with ``"expect_error": True`` returns ``{"error": "<Type>: <message>"}`` instead of raising."""
+    init_deepspeed()
+    out = []
+    for run in runs:
+        run = dict(run)
+        if not run.pop("expect_error", False):
+            out.append(train(**run))
+            continue
+        try:
+            train(**run)
+            out.append({"error": None})
+        except Exception as e:  # reported to the test, which checks type and message
+            out.append({"error": f"{type(e).__name__}: {e}"})
+    return out

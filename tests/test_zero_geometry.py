@@ -138,6 +138,7 @@ def test_random_groups_cover_every_element_once(kind):
                           sub_group_size=rng.choice([1, 10, 50, Z.DEFAULT_SUB_GROUP_SIZE]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [4, 3])
 def test_geometry_matches_deepspeed(world_size, tmp_path):
     """One launch per world size; every rank builds one engine per config (ZeRO-0/1/2/3, fp32/bf16,

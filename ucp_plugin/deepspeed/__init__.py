@@ -1,0 +1,68 @@
+"""Universal checkpointing for DeepSpeed: add ``"checkpoint": {"universal": true}`` to the config and
+``import ucp_plugin.deepspeed``; ``engine.save_checkpoint`` / ``engine.load_checkpoint`` keep their API.
+
+Importing calls ``enable()``, which wraps the two engine methods (``patches/deepspeed_engine_*.py``);
+engines without the config key keep DeepSpeed's behaviour. ``load_checkpoint`` also reads native
+DeepSpeed checkpoints (``native.py``) onto any layout.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+from packaging.version import Version
+
+from ..errors import UnsupportedError
+from .config import UniversalConfig, is_enabled, read_config
+from .load import load_checkpoint
+from .save import save_checkpoint
+
+__all__ = ["enable", "disable", "is_enabled", "read_config", "UniversalConfig", "save_checkpoint",
+           "load_checkpoint"]
+_PATCHES = ("deepspeed_engine_save_checkpoint", "deepspeed_engine_load_checkpoint")
+
+
+def _patch(name: str):
+    """The module ``patches/<name>.py``: importable as ``patches.<name>`` from the repository root,
+    or found beside the ``ucp_plugin`` package (editable installs)."""
+    try:
+        return importlib.import_module(f"patches.{name}")
+    except ImportError:
+        pass
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "patches", f"{name}.py")
+    if not os.path.isfile(path):
+        raise UnsupportedError(f"ucp_plugin.deepspeed needs patches/{name}.py (shipped in the repository "
+                               "beside ucp_plugin/); install ucp_plugin from its repository")
+    spec = importlib.util.spec_from_file_location(f"_ucp_patches_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def enable() -> None:
+    """Install the engine patches (idempotent). Raises UnsupportedError on an untested DeepSpeed."""
+    import deepspeed
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    save_patch, load_patch = (_patch(n) for n in _PATCHES)
+    low, high = save_patch.SUPPORTED
+    if not Version(low) <= Version(deepspeed.__version__) < Version(high):
+        raise UnsupportedError(f"DeepSpeed {deepspeed.__version__} is outside the versions ucp_plugin "
+                               f"patches ([{low}, {high})); install a supported DeepSpeed")
+    save_patch.install(DeepSpeedEngine, is_enabled, save_checkpoint)
+    load_patch.install(DeepSpeedEngine, is_enabled, load_checkpoint)
+
+
+def disable() -> None:
+    """Restore DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint``."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    for name in _PATCHES:
+        _patch(name).uninstall(DeepSpeedEngine)
+
+
+enable()

@@ -1,0 +1,71 @@
+"""The user-facing switch, ``"checkpoint": {"universal": true}``, and the engine features it supports.
+
+DeepSpeed reads its ``checkpoint`` section as a plain dict and ignores unknown keys
+(runtime/config.py:545-553), so our key passes its validation untouched and a misspelling would pass
+silently too: ``read_config`` catches near-misses and wrong types, ``check_engine`` refuses engine
+features whose state the adapter does not (yet) map, naming the setting to change.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from ..errors import UnsupportedError
+
+UNIVERSAL = "universal"
+DS_UNIVERSAL = "load_universal"  # DeepSpeed's own UCP loader (ds_to_universal folders)
+DS_KEYS = ("tag_validation", DS_UNIVERSAL, "use_node_local_storage", "parallel_write",
+           "checkpoint_serialization", "writer")
+
+
+@dataclass(frozen=True)
+class UniversalConfig:
+    enabled: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f'"checkpoint": {{"{UNIVERSAL}": ...}} must be true or false, not {self.enabled!r}')
+
+
+def read_config(param_dict: dict | None) -> UniversalConfig:
+    """Our settings from a DeepSpeed config dict (``engine._config._param_dict``)."""
+    section = (param_dict or {}).get("checkpoint") or {}
+    if not isinstance(section, dict):
+        raise ValueError(f'DeepSpeed config "checkpoint" must be an object, not {type(section).__name__}')
+    for key in section:
+        if key != UNIVERSAL and key not in DS_KEYS and difflib.get_close_matches(key, [UNIVERSAL], 1, 0.75):
+            raise ValueError(f'DeepSpeed config "checkpoint" has unknown key {key!r}; did you mean '
+                             f'"{UNIVERSAL}"? (DeepSpeed ignores unknown keys, so the typo would '
+                             "silently disable universal checkpointing)")
+    value = section.get(UNIVERSAL, False)
+    if not isinstance(value, bool):
+        raise ValueError(f'DeepSpeed config "checkpoint": {{"{UNIVERSAL}": {value!r}}} must be true or false')
+    if value and section.get(DS_UNIVERSAL):
+        raise UnsupportedError(f'"checkpoint" sets both "{UNIVERSAL}" (ucp_plugin) and "{DS_UNIVERSAL}" '
+                               "(DeepSpeed's own converter-based UCP); keep only one")
+    return UniversalConfig(enabled=value)
+
+
+def is_enabled(engine) -> bool:
+    return read_config(getattr(engine._config, "_param_dict", None)).enabled
+
+
+def check_engine(engine) -> None:
+    """Raise UnsupportedError for engine features the adapter cannot save or restore exactly."""
+    problems = []
+    if engine.fp16_enabled():
+        problems.append('"fp16": {"enabled": true} (use bf16 or fp32)')
+    if engine.zero_offload_optimizer() is not None or engine.zero_offload_param() is not None:
+        problems.append('"zero_optimization.offload_optimizer"/"offload_param" (turn offload off)')
+    if getattr(engine, "has_moe_layers", False):
+        problems.append("MoE layers (expert-parallel groups)")
+    if type(engine).__name__ == "PipelineEngine":
+        problems.append("pipeline parallelism (PipelineModule)")
+    if getattr(engine, "mp_world_size", 1) > 1:
+        problems.append(f"model parallelism (mp_world_size={engine.mp_world_size}); use the Megatron adapter")
+    if engine.zero_optimization_stage() == 3 and engine.zero_hpz_partition_size() > 1:
+        problems.append('"zero_optimization.zero_hpz_partition_size" > 1 (ZeRO++ hpZ)')
+    if getattr(engine._config, "mics_shard_size", -1) > 0:
+        problems.append('"zero_optimization.mics_shard_size" (MiCS)')
+    if problems:
+        raise UnsupportedError('"checkpoint": {"universal": true} does not support ' + "; ".join(problems))

@@ -1,0 +1,232 @@
+"""Read a native DeepSpeed checkpoint (``engine.save_checkpoint`` without this plugin) as a *source* for
+``load.py``, so it can be loaded on any DP size / ZeRO stage / dtype.
+
+Files are opened with ``torch.load(weights_only=True, mmap=True)``: DeepSpeed's optimizer files pickle
+a few of its own classes (``LossScaler``, ``ZeroStageEnum``, ``fragment_address``); those names are
+mapped to the inert stand-ins below, so no DeepSpeed (or other) code runs while reading, and any
+other class is refused. The saved layout (DP size, ZeRO stage, wrapper, param groups in flat order)
+comes from the model-states file; ``plan.zero`` then says which saved rank's file holds which
+element of each parameter, and only those files are opened.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import pickle
+
+import torch
+
+from ..errors import FormatError, UnsupportedError
+from ..plan import zero as Z
+from .sources import AtomMeta
+
+DS_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+           "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+           "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
+           "checkpoint_parallel_dimensions", "ds_config", "ds_version", "universal_checkpoint_info"}
+
+
+class LossScaler:
+    """Stand-in for deepspeed.runtime.fp16.loss_scaler.LossScaler: holds the pickled attributes."""
+
+
+class DynamicLossScaler(LossScaler):
+    """Stand-in for deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler."""
+
+
+class ZeroStageEnum(int):
+    """Stand-in for deepspeed.runtime.zero.config.ZeroStageEnum (an int enum)."""
+
+
+class FragmentAddress:
+    """Stand-in for deepspeed.utils.tensor_fragment.fragment_address."""
+
+
+SAFE_GLOBALS = [(LossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+                (DynamicLossScaler, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+                (ZeroStageEnum, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+                (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address")]
+
+
+def safe_load(path: str) -> dict:
+    """``torch.load(weights_only=True)`` with DeepSpeed's classes mapped to stand-ins."""
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise FormatError(f"{path}: cannot read ({e})") from None
+        except pickle.UnpicklingError as e:
+            raise FormatError(f"{path}: refused by the weights-only loader ({str(e).splitlines()[0]}); it "
+                              "holds objects other than tensors and DeepSpeed's known metadata") from None
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
+def is_native(folder: str) -> bool:
+    return bool(glob.glob(os.path.join(folder, "*model_states.pt")))
+
+
+def _model_states_file(folder: str, rank: int) -> str:
+    for name in (f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FormatError(f"{folder}: no model-states file for DP rank {rank}; the checkpoint is incomplete")
+
+
+def _kind(cfg: dict, folder: str) -> tuple[str, str]:
+    zero = cfg.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    bf16 = (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False)
+    if (cfg.get("fp16") or {}).get("enabled", False):
+        raise UnsupportedError(f"{folder}: fp16 DeepSpeed checkpoints are not supported")
+    if zero.get("offload_optimizer") or zero.get("offload_param"):
+        raise UnsupportedError(f"{folder}: checkpoints saved with ZeRO offload are not supported")
+    dtype = "bf16" if bf16 else "fp32"
+    accum = (cfg.get("data_types") or {}).get("grad_accum_dtype")
+    return Z.optimizer_kind(stage, dtype, accum), dtype
+
+
+class NativeSource:
+    def __init__(self, folder: str):
+        self.path = folder
+        self.model = safe_load(_model_states_file(folder, 0))
+        cfg = self.model.get("ds_config") or {}
+        self.kind, self.dtype = _kind(cfg, folder)
+        self.dp = int(self.model["dp_world_size"])
+        if self.model.get("mp_world_size", 1) != 1:
+            raise UnsupportedError(f"{folder}: model-parallel DeepSpeed checkpoints are not supported")
+        self._files: dict[str, dict] = {}
+        self.buffer_names = list(self.model.get("buffer_names") or [])
+        self.groups = self._groups()
+        zero = cfg.get("zero_optimization") or {}
+        align = Z.param_alignment(2 if self.dtype == "bf16" else 4, zero.get("parameter_alignment", False))
+        sub = zero.get("sub_group_size", Z.DEFAULT_SUB_GROUP_SIZE)
+        self.layout = Z.plan_zero(self.groups, self.dp, self.kind, alignment=align, sub_group_size=sub)
+        self.atoms = self._atoms()
+
+    def _groups(self) -> list[list[tuple[str, int]]]:
+        if self.kind == Z.PER_PARAM:
+            names = [k for k in self.model["module"] if k not in self.buffer_names]
+            return [[(n, self.model["module"][n].numel()) for n in names]]
+        return [[(n, math.prod(s)) for n, s in g.items()] for g in self.model["param_shapes"]]
+
+    def _optim(self, rank: int) -> dict:
+        if self.kind == Z.PER_PARAM:
+            return {"base": self.model["optimizer"], "fp32": None}
+        prefix = "bf16_" if self.dtype == "bf16" else ""
+        path = os.path.join(self.path, f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        if path not in self._files:
+            if not os.path.isfile(path):
+                raise FormatError(f"{path}: missing; the native checkpoint is incomplete")
+            osd = safe_load(path)["optimizer_state_dict"]
+            base = osd.get("base_optimizer_state", osd.get("optimizer_state_dict"))
+            fp32 = osd.get("single_partition_of_fp32_groups", osd.get("fp32_flat_groups"))
+            if not isinstance(base, dict) or fp32 is None:
+                raise UnsupportedError(f"{path}: not a rigid ZeRO checkpoint (elastic_checkpoint?)")
+            self._files[path] = {"base": base, "fp32": fp32, "osd": osd}
+        return self._files[path]
+
+    def _entry(self, rank: int, index: int) -> dict:
+        state = self._optim(rank)["base"]["state"]
+        return state.get(index, state.get(str(index), {}))
+
+    def _param_meta(self, name: str, numel: int, shape) -> AtomMeta:
+        first = self.layout.locate(name)[0]
+        entry = self._entry(first.rank, first.index)
+        size = numel if self.kind == Z.PER_PARAM else self.layout.for_rank(first.rank)[first.index].numel
+        states = {"fp32": "float32"}
+        states.update({k: str(v.dtype).replace("torch.", "") for k, v in entry.items()
+                       if torch.is_tensor(v) and v.dim() > 0 and v.numel() == size})
+        scalars = {k: (int(v.item()) if float(v.item()).is_integer() else float(v.item()))
+                   for k, v in entry.items() if torch.is_tensor(v) and v.dim() == 0}
+        return AtomMeta(name, "param", tuple(shape), states, scalars)
+
+    def _atoms(self) -> dict[str, AtomMeta]:
+        module, atoms = self.model["module"], {}
+        shapes = {n: tuple(s) for g in (self.model.get("param_shapes") or []) for n, s in g.items()}
+        for group in self.groups:
+            for name, numel in group:
+                atoms[name] = self._param_meta(name, numel, shapes.get(name, module[name].shape))
+        frozen = self.model.get("frozen_param_shapes")
+        if frozen is None:
+            frozen = {n: t.shape for n, t in module.items() if n not in atoms and n not in self.buffer_names}
+        fragments = self.model.get("frozen_param_fragments") or {}
+        for name, shape in frozen.items():
+            dtype = (fragments.get(name) if name in fragments else module[name]).dtype
+            atoms[name] = AtomMeta(name, "frozen", tuple(shape), {"param": str(dtype).replace("torch.", "")}, {})
+        for name in self.buffer_names:
+            t = module[name]
+            atoms[name] = AtomMeta(name, "buffer", tuple(t.shape), {"param": str(t.dtype).replace("torch.", "")}, {})
+        if self.kind == Z.PER_PARAM:
+            self._check_stage0_order()
+        return atoms
+
+    def _check_stage0_order(self) -> None:
+        """Stage 0 saves the torch optimizer with bare indices: assume model order, and check it."""
+        names = [n for n, _ in self.groups[0]]
+        base = self.model["optimizer"]
+        count = sum(len(g["params"]) for g in base["param_groups"])
+        bad = [i for i, e in base["state"].items() if torch.is_tensor(e.get("exp_avg"))
+               and (int(i) >= len(names) or tuple(e["exp_avg"].shape) != tuple(self.model["module"][names[int(i)]].shape))]
+        if count != len(names) or bad:
+            raise UnsupportedError(f"{self.path}: the stage-0 optimizer does not hold the model's parameters in "
+                                   "model order, so its states cannot be matched to names")
+
+    def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        meta, out = self.atoms[name], torch.zeros(stop - start, dtype=dtype)
+        if meta.kind == "buffer" or (meta.kind == "frozen" and self.kind != Z.ZERO3):
+            out.copy_(self.model["module"][name].reshape(-1)[start:stop])
+        elif meta.kind == "frozen":
+            numel = math.prod(meta.shape)
+            ps = Z.zero3_partition_numel(numel, self.dp)
+            for r in range(self.dp):
+                self._copy(out, start, stop, r * ps, min(numel, (r + 1) * ps),
+                           lambda r=r: self._model_states(r)["frozen_param_fragments"][name], 0)
+        elif self.kind == Z.PER_PARAM:
+            src = self.model["module"][name] if state == "fp32" else self._entry(0, self._index(name))[state]
+            out.copy_(src.reshape(-1)[start:stop])
+        else:
+            for pl in self.layout.locate(name):
+                f = pl.fragment
+                self._copy(out, start, stop, f.param_offset, f.param_offset + f.length,
+                           lambda pl=pl: self._buffer(pl.rank, pl.index, state), f.buffer_offset)
+        return out
+
+    def _model_states(self, rank: int) -> dict:
+        path = _model_states_file(self.path, rank)
+        if path not in self._files:
+            self._files[path] = safe_load(path)
+        return self._files[path]
+
+    def _index(self, name: str) -> int:
+        return [n for n, _ in self.groups[0]].index(name)
+
+    def _buffer(self, rank: int, index: int, state: str) -> torch.Tensor:
+        files = self._optim(rank)
+        return files["fp32"][index] if state == "fp32" else self._entry(rank, index)[state]
+
+    @staticmethod
+    def _copy(out, start, stop, lo, hi, fetch, base) -> None:
+        """Copy source elements [lo, hi) of the atom (at ``base`` in ``fetch()``) that fall in [start, stop)."""
+        a, b = max(lo, start), min(hi, stop)
+        if a < b:
+            out[a - start:b - start] = fetch().reshape(-1)[base + a - lo:base + b - lo]
+
+    def common_state(self) -> dict:
+        files = self._optim(0)
+        osd = files.get("osd", {})
+        scaler = osd.get("loss_scaler")
+        m = self.model
+        return {"engine": {k: m.get(k) for k in ("global_steps", "global_samples", "skipped_steps")},
+                "lr_scheduler": m.get("lr_scheduler"),
+                "optimizer": {"param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                               for g in files["base"]["param_groups"]],
+                              "wrapper": {k: osd[k] for k in ("dynamic_loss_scale", "overflow", "clip_grad")
+                                          if k in osd},
+                              "loss_scaler": None if scaler is None else
+                              {"class": type(scaler).__name__, "fields": dict(vars(scaler))}},
+                "client_state": {k: v for k, v in m.items() if k not in DS_KEYS}}
+
+    def rank_state(self, rank: int, world_size: int) -> None:
+        return None  # DeepSpeed does not save RNG states

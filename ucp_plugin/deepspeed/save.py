@@ -1,0 +1,128 @@
+"""``engine.save_checkpoint`` for ``"checkpoint": {"universal": true}``: every rank writes only what it
+holds, as pieces of atoms (docs/FORMAT.md).
+
+- trainable parameters: each fragment of this rank's fp32 buffers, with the same range of every
+  optimizer state of that buffer (``exp_avg``, ``exp_avg_sq``, ...) and the buffer's scalars (``step``);
+  padding is never written. Stage 0 holds everything everywhere, so rank r writes the r-th of ``dp``
+  near-equal slices of each parameter (the ZeRO-3 split) and no byte is written twice;
+- frozen parameters: the same split (ZeRO-3: each rank's own ``ds_tensor`` elements);
+- buffers, LR scheduler, engine counters, optimizer hyperparameters, loss scaler, client state: rank 0;
+- RNG states: every rank.
+"""
+from __future__ import annotations
+
+import deepspeed
+import torch
+
+from ..comm import Comm
+from ..errors import UnsupportedError
+from ..format import Layout, Region
+from ..language import Replicated
+from ..plan import zero as Z
+from ..session import SaveHeader, save_universal
+from ..storage import AtomInfo, ShardWriter
+from . import state as S
+from .config import check_engine
+from .engine_view import DTYPE_NAMES, EngineView, base_optimizer, fp32_buffers, inspect_engine
+
+ADAPTER, ADAPTER_VERSION = "deepspeed.zero", "1"
+SPLIT = Replicated().to_json()  # DeepSpeed alone has no tensor parallelism
+
+
+def share(numel: int, rank: int, dp: int) -> tuple[int, int]:
+    """The elements rank ``rank`` of ``dp`` writes of a replicated tensor (ZeRO-3's split)."""
+    ps = Z.zero3_partition_numel(numel, dp)
+    return min(rank * ps, numel), min((rank + 1) * ps, numel)
+
+
+def split_state(entry: dict, numel: int, where: str) -> tuple[dict, dict]:
+    """Optimizer state of one buffer -> (tensor states of the buffer's length, scalars such as step)."""
+    tensors, scalars = {}, {}
+    for key, value in entry.items():
+        if torch.is_tensor(value) and value.numel() == numel and value.dim() > 0:
+            tensors[key] = value.detach().reshape(-1)
+        elif torch.is_tensor(value) and value.numel() == 1:
+            scalars[key] = _number(value.item())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            scalars[key] = _number(value)
+        else:
+            raise UnsupportedError(f"{where}: optimizer state {key!r} ({type(value).__name__}) is neither "
+                                   "a per-element tensor nor a scalar; this optimizer is not supported")
+    return tensors, scalars
+
+
+def _number(v):
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def _info(view: EngineView, name: str, kind: str, states: dict, scalars: dict) -> AtomInfo:
+    return AtomInfo(name, kind, view.shapes[name], SPLIT, states, scalars)
+
+
+def write_trainable(writer: ShardWriter, engine, view: EngineView) -> None:
+    bufs, opt = fp32_buffers(engine, view.kind), base_optimizer(engine, view.kind)
+    trainable = set(view.trainable)
+    for b in view.layout.for_rank(view.rank):
+        t = bufs[b.index]
+        tensors, scalars = split_state(opt.state.get(t, {}), t.numel(), f"rank {view.rank} buffer {b.index}")
+        tensors = {"fp32": t.detach().reshape(-1), **tensors}
+        states = {k: DTYPE_NAMES[v.dtype] for k, v in tensors.items()}
+        for f in b.fragments:
+            if f.name not in trainable:  # stage 0 keeps frozen params in the torch optimizer
+                continue
+            lo, hi = (0, f.length) if not view.layout.replicated else share(f.length, view.rank, view.dp)
+            writer.add_atom(_info(view, f.name, "param", states, scalars))
+            for key, flat in tensors.items():
+                start = f.buffer_offset + lo
+                writer.add(f.name, key, flat[start:start + hi - lo], Region.whole(view.shapes[f.name]),
+                           f.param_offset + lo)
+
+
+def write_frozen(writer: ShardWriter, engine, view: EngineView) -> None:
+    params = dict(engine.module.named_parameters())
+    for name in view.frozen:
+        p = params[name]
+        numel = _numel(p)
+        writer.add_atom(_info(view, name, "frozen", {"param": DTYPE_NAMES[p.dtype]}, {}))
+        lo, hi = share(numel, view.rank, view.dp)
+        if hi <= lo:
+            continue
+        local = p.ds_tensor.detach()[:hi - lo] if hasattr(p, "ds_tensor") else p.detach().reshape(-1)[lo:hi]
+        writer.add(name, "param", local, Region.whole(view.shapes[name]), lo)
+
+
+def _numel(p) -> int:
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
+def write_buffers(writer: ShardWriter, engine, view: EngineView) -> None:
+    for name in view.buffers:
+        buf = engine.module.get_buffer(name)
+        shape = tuple(buf.shape)
+        writer.add_atom(AtomInfo(name, "buffer", shape, SPLIT, {"param": DTYPE_NAMES[buf.dtype]}, {}))
+        writer.add(name, "param", buf, Region.whole(shape), 0)
+
+
+def save_checkpoint(engine, save_dir, tag=None, client_state=None, save_latest=True,
+                    exclude_frozen_parameters=False) -> bool:
+    """The universal replacement of ``DeepSpeedEngine.save_checkpoint`` (same arguments)."""
+    check_engine(engine)
+    view = inspect_engine(engine)
+    tag = f"global_step{engine.global_steps}" if tag is None else str(tag)
+    layout = Layout(dp=view.dp, zero_stage=view.stage, param_dtype=view.param_dtype)
+    header = SaveHeader(ADAPTER, ADAPTER_VERSION, "deepspeed", deepspeed.__version__, layout,
+                        iteration=engine.global_steps)
+    meta = {"kind": view.kind, "dp": view.dp, "zero_stage": view.stage, "param_dtype": view.param_dtype}
+
+    def fill(writer: ShardWriter) -> None:
+        write_trainable(writer, engine, view)
+        if not exclude_frozen_parameters:
+            write_frozen(writer, engine, view)
+        if view.rank == 0:
+            write_buffers(writer, engine, view)
+            base = base_optimizer(engine, view.kind)
+            writer.save_state(S.common_state(engine, base, client_state or {}, meta), common=True)
+        writer.save_state(S.rank_state())
+
+    save_universal(Comm(), str(save_dir), tag, header, fill, update_latest=save_latest)
+    return True

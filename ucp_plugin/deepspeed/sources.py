@@ -1,0 +1,77 @@
+"""What ``load.py`` reads from: a universal checkpoint or a native DeepSpeed one, behind one interface.
+
+A *source* offers ``path``, ``atoms`` (name -> ``AtomMeta``), ``read(name, state, start, stop, dtype)``
+(flat elements of one atom state), ``common_state()`` (the ``state.py`` schema) and
+``rank_state(rank, world_size)`` (RNG, or None when it cannot apply).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FormatError
+from ..format import MANIFEST, Region
+from ..storage import Checkpoint, read_latest, resolve
+
+
+@dataclass(frozen=True)
+class AtomMeta:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    states: dict
+    scalars: dict
+
+
+class UcpSource:
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.path = checkpoint.path
+        self.atoms = {a.name: AtomMeta(a.name, a.kind, tuple(a.shape), dict(a.states), dict(a.scalars))
+                      for a in checkpoint.manifest.atoms}
+        self.dp = checkpoint.manifest.layout.dp
+
+    def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        shape = self.atoms[name].shape
+        return self.checkpoint.read_fragment(name, state, Region.whole(shape), start, stop, dtype)
+
+    def common_state(self) -> dict:
+        if not self.checkpoint.has_state():
+            raise FormatError(f"{self.path}: no state/common.json; it was not written by a training "
+                              "adapter (a converted or exported checkpoint?): load with "
+                              "load_optimizer_states=False, load_lr_scheduler_states=False")
+        return self.checkpoint.load_state()
+
+    def rank_state(self, rank: int, world_size: int) -> dict | None:
+        if self.checkpoint.manifest.state_ranks != world_size or not self.checkpoint.has_state(rank):
+            return None
+        return self.checkpoint.load_state(rank)
+
+
+def has_latest(load_dir) -> bool:
+    """True if ``load_dir`` names a checkpoint without a tag: it has ``latest`` or is a checkpoint."""
+    d = str(load_dir)
+    return os.path.isdir(d) and (read_latest(d) is not None or os.path.isfile(os.path.join(d, MANIFEST)))
+
+
+def checkpoint_folder(load_dir: str, tag) -> str:
+    if tag is not None:
+        return os.path.join(str(load_dir), str(tag))
+    latest = read_latest(str(load_dir)) if os.path.isdir(str(load_dir)) else None
+    return os.path.join(str(load_dir), latest) if latest else str(load_dir)
+
+
+def open_source(load_dir: str, tag=None, verify: bool = True):
+    """A universal checkpoint if the folder has ``ucp.json``, else a native DeepSpeed checkpoint."""
+    from . import native
+
+    folder = checkpoint_folder(load_dir, tag)
+    if os.path.isfile(os.path.join(folder, MANIFEST)):
+        return UcpSource(Checkpoint.open(folder, verify=verify))
+    if native.is_native(folder):
+        return native.NativeSource(folder)
+    resolve(folder)  # raises the precise reason (missing, interrupted save, empty, ...)
+    raise FormatError(f"{folder}: neither a universal checkpoint ({MANIFEST}) nor a DeepSpeed one "
+                      "(*_model_states.pt)")
