@@ -55,9 +55,12 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(c.d_model)
         # tokens trained on (advanced by the training loop): a buffer, saved like the weights
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight") or name.endswith("fc_out.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.layers))
+        for name, p in self.named_parameters():  # GPT-2 initialisation
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.ndim == 2:
+                residual = name.endswith("proj.weight") or name.endswith("fc_out.weight")
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * c.layers) if residual else 0.02)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.wte(x) + self.wpe(torch.arange(x.shape[1]))

@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 
 from ..errors import LayoutError, UnsupportedError
+from ..format import dtype_name
 from ..plan import zero as Z
 
 _KIND_BY_CLASS = {"DeepSpeedZeroOptimizer": Z.ZERO_FLAT, "BF16_Optimizer": Z.BF16_FLAT,
                   "DeepSpeedZeroOptimizer_Stage3": Z.ZERO3}
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def inspect_engine(engine) -> EngineView:
     params = dict(engine.module.named_parameters())
     trainable = tuple(n for n, p in params.items() if p.requires_grad and _numel(p) > 0)
     view = EngineView(kind, dist.get_rank() if dist.is_initialized() else 0, dp,
-                      engine.zero_optimization_stage(), DTYPE_NAMES[engine.get_data_types()[0]], groups,
+                      engine.zero_optimization_stage(), dtype_name(engine.get_data_types()[0]), groups,
                       {n: _shape(p) for n, p in params.items()}, layout, trainable,
                       tuple(n for n in params if n not in trainable), tuple(persistent_buffers(engine.module)))
     _check_against_engine(engine, view)

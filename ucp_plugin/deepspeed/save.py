@@ -16,14 +16,14 @@ import torch
 
 from ..comm import Comm
 from ..errors import UnsupportedError
-from ..format import Layout, Region
+from ..format import Layout, Region, dtype_name
 from ..language import Replicated
 from ..plan import zero as Z
 from ..session import SaveHeader, save_universal
 from ..storage import AtomInfo, ShardWriter
 from . import state as S
 from .config import check_engine
-from .engine_view import DTYPE_NAMES, EngineView, base_optimizer, fp32_buffers, inspect_engine
+from .engine_view import EngineView, base_optimizer, fp32_buffers, inspect_engine
 
 ADAPTER, ADAPTER_VERSION = "deepspeed.zero", "1"
 SPLIT = Replicated().to_json()  # DeepSpeed alone has no tensor parallelism
@@ -66,7 +66,7 @@ def write_trainable(writer: ShardWriter, engine, view: EngineView) -> None:
         t = bufs[b.index]
         tensors, scalars = split_state(opt.state.get(t, {}), t.numel(), f"rank {view.rank} buffer {b.index}")
         tensors = {"fp32": t.detach().reshape(-1), **tensors}
-        states = {k: DTYPE_NAMES[v.dtype] for k, v in tensors.items()}
+        states = {k: dtype_name(v.dtype) for k, v in tensors.items()}
         for f in b.fragments:
             if f.name not in trainable:  # stage 0 keeps frozen params in the torch optimizer
                 continue
@@ -83,7 +83,7 @@ def write_frozen(writer: ShardWriter, engine, view: EngineView) -> None:
     for name in view.frozen:
         p = params[name]
         numel = _numel(p)
-        writer.add_atom(_info(view, name, "frozen", {"param": DTYPE_NAMES[p.dtype]}, {}))
+        writer.add_atom(_info(view, name, "frozen", {"param": dtype_name(p.dtype)}, {}))
         lo, hi = share(numel, view.rank, view.dp)
         if hi <= lo:
             continue
@@ -99,7 +99,7 @@ def write_buffers(writer: ShardWriter, engine, view: EngineView) -> None:
     for name in view.buffers:
         buf = engine.module.get_buffer(name)
         shape = tuple(buf.shape)
-        writer.add_atom(AtomInfo(name, "buffer", shape, SPLIT, {"param": DTYPE_NAMES[buf.dtype]}, {}))
+        writer.add_atom(AtomInfo(name, "buffer", shape, SPLIT, {"param": dtype_name(buf.dtype)}, {}))
         writer.add(name, "param", buf, Region.whole(shape), 0)
 
 

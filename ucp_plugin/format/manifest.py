@@ -16,6 +16,11 @@ MANIFEST = "ucp.json"
 ATOM_KINDS = ("param", "frozen", "buffer")
 
 
+def dtype_name(dtype) -> str:
+    """The manifest's name of a torch dtype ("float32", "bfloat16", "int64", ...)."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class Layout:
     """The parallel layout that wrote (or will read) a checkpoint."""
