@@ -66,8 +66,9 @@ def _phase(label: str, layout: str, worker: str, kwargs: dict, steps: int, out: 
 
 
 def run(family: str, layout_a: str, layout_b: str, steps: int, resume_steps: int, out: str,
-        tolerance: float | None = None) -> int:
-    worker, _, _, model, default_tol = FAMILIES[family]
+        tolerance: float | None = None, model: dict | None = None) -> int:
+    worker, _, _, default_model, default_tol = FAMILIES[family]
+    model = {**default_model, **(model or {})}
     tol = default_tol if tolerance is None else tolerance
     ckpt = os.path.join(out, "checkpoint")
     t0 = time.time()
