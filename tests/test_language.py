@@ -1,0 +1,54 @@
+"""The checkpoint language: exact matching, placements, validation messages, JSON round trip."""
+import pytest
+
+from ucp_plugin.errors import FormatError, LayoutError, SpecError
+from ucp_plugin.language import (EXPERT, PIPELINE, Fused, ModelSpec, Partitioned, Placement, Replicated, Rule,
+                                 VocabPartitioned, split_from_json)
+
+SPEC = ModelSpec("toy", (
+    Rule(r"embedding\.word_embeddings\.weight", VocabPartitioned(0, 8)),
+    Rule(r"decoder\.layers\.\d+\.mlp\.experts\.local_experts\.\d+\.linear_fc1\.weight", Fused(0, num_parts=2)),
+    Rule(r"decoder\.layers\.\d+\.(input_layernorm|mlp\.router)\.weight", Replicated()),
+    Rule(r"decoder\.layers\.\d+\..*bias", Replicated()),
+    Rule(r"decoder\.layers\.0\.input_layernorm\.bias", Replicated("average")),
+    Rule(r"output_layer\.weight", VocabPartitioned(0, 8), tied_to="embedding.word_embeddings.weight"),
+), (Placement(r"decoder\.layers\.(\d+)\.", PIPELINE), Placement(r"local_experts\.(\d+)\.", EXPERT)),
+    num_layers=4, num_experts=8)
+
+
+def test_every_parameter_matches_exactly_one_rule():
+    assert SPEC.rule_for("output_layer.weight").tied_to == "embedding.word_embeddings.weight"
+    with pytest.raises(SpecError, match=r"parameter 'decoder.layers.1.self_attention.linear_qkv.weight' "
+                                        r"matches no rule of the 'toy'.*add a rule"):
+        SPEC.check_names(["embedding.word_embeddings.weight", "decoder.layers.1.self_attention.linear_qkv.weight"])
+    with pytest.raises(SpecError, match=r"'decoder.layers.0.input_layernorm.bias' matches 2 rules"):
+        SPEC.rule_for("decoder.layers.0.input_layernorm.bias")
+
+
+def test_placements_map_local_to_global_and_back():
+    local = "decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"
+    glob = SPEC.to_global(local, {PIPELINE: 2, EXPERT: 4})
+    assert glob == "decoder.layers.3.mlp.experts.local_experts.4.linear_fc1.weight"
+    assert SPEC.to_local(glob, {PIPELINE: 2, EXPERT: 4}) == local
+    assert SPEC.to_global("embedding.word_embeddings.weight", {PIPELINE: 2}) == "embedding.word_embeddings.weight"
+
+
+def test_layout_checks_name_the_reason_and_valid_choices():
+    with pytest.raises(LayoutError, match=r"PP=5 is larger than the 4 layers.*valid PP sizes: 1..4"):
+        SPEC.check_layout(1, 5, 1, {})
+    with pytest.raises(LayoutError, match=r"EP=3 does not divide the 8 experts.*valid EP sizes: \[1, 2, 4, 8\]"):
+        SPEC.check_layout(1, 1, 3, {})
+    with pytest.raises(LayoutError, match=r"fused part of size 6 is not divisible by TP=4"):
+        SPEC.check_layout(4, 1, 1, {"decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight": (12, 4)})
+    SPEC.check_layout(3, 1, 1, {"embedding.word_embeddings.weight": (37, 4)})  # vocab padding: any TP
+
+
+def test_splits_validate_and_round_trip():
+    for split in (Replicated("check"), Partitioned(1, 4), VocabPartitioned(0, 64), Fused(0, (6, 2))):
+        assert split_from_json(split.to_json()) == split
+    with pytest.raises(ValueError, match="reduce must be"):
+        Replicated("sum")
+    with pytest.raises(FormatError, match="unknown split kind 'diagonal'.*newer ucp_plugin"):
+        split_from_json({"kind": "diagonal"})
+    with pytest.raises(ValueError, match="exactly one group"):
+        Placement(r"layers\.\d+", PIPELINE)
