@@ -1,0 +1,1 @@
+"""The `ucp` command line (``ucp_plugin.cli.main:main``)."""
