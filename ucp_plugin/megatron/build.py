@@ -115,7 +115,8 @@ def name_offsets(model, cfg: ModelConfig) -> dict[str, int]:
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    offsets = {PIPELINE: get_transformer_layer_offset(model.config)}
+    # with virtual pipeline stages each model chunk knows its own vp_stage
+    offsets = {PIPELINE: get_transformer_layer_offset(model.config, getattr(model, "vp_stage", None))}
     if cfg.experts:
         local_experts = cfg.experts // parallel_state.get_expert_model_parallel_world_size()
         offsets[EXPERT] = parallel_state.get_expert_model_parallel_rank() * local_experts
@@ -124,11 +125,11 @@ def name_offsets(model, cfg: ModelConfig) -> dict[str, int]:
 
 def global_named_parameters(model, spec: ModelSpec, cfg: ModelConfig):
     """(global name, parameter) for this rank's parameters."""
-    offsets = name_offsets(_unwrap(model), cfg)
-    return [(spec.to_global(name, offsets), param) for name, param in _unwrap(model).named_parameters()]
+    offsets = name_offsets(unwrap(model), cfg)
+    return [(spec.to_global(name, offsets), param) for name, param in unwrap(model).named_parameters()]
 
 
-def _unwrap(model):
+def unwrap(model):
     """The GPTModel inside megatron's DDP / Float16Module wrappers."""
     while hasattr(model, "module") and not hasattr(model, "decoder"):
         model = model.module

@@ -179,12 +179,13 @@ class _Event:
         return 0.0
 
 
-def _nothing(*args, **kwargs):
-    return None
+def _nothing():
+    # a fresh function per stub: torch.compile's rule table rejects one object under two torch names
+    return lambda *args, **kwargs: None
 
 
-def _zero(*args, **kwargs):
-    return 0
+def _zero():
+    return lambda *args, **kwargs: 0
 
 
 def _stub_torch_cuda() -> None:
@@ -192,17 +193,17 @@ def _stub_torch_cuda() -> None:
     cuda.current_device = lambda: 0  # an ordinal; the mode maps device=0 to the CPU
     cuda.device_count = lambda: 1
     for name in ("set_device", "synchronize", "empty_cache", "reset_peak_memory_stats", "set_stream"):
-        setattr(cuda, name, _nothing)
+        setattr(cuda, name, _nothing())
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
-        setattr(cuda, name, _zero)
+        setattr(cuda, name, _zero())
     cuda.memory_stats = lambda *args, **kwargs: {}
     cuda.Stream = _Stream
     cuda.Event = _Event
     cuda.current_stream = lambda *args, **kwargs: _Stream()
     cuda.default_stream = lambda *args, **kwargs: _Stream()
     cuda.stream = lambda stream=None: stream if stream is not None else contextlib.nullcontext()
-    cuda.nvtx.range_push = _nothing
-    cuda.nvtx.range_pop = _nothing
+    cuda.nvtx.range_push = _nothing()
+    cuda.nvtx.range_pop = _nothing()
     torch.Tensor.record_stream = lambda self, *args, **kwargs: None
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
 

@@ -40,7 +40,8 @@ def expert_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
 def spec(config: ModelConfig | None = None, **sizes) -> ModelSpec:
     cfg = resolve(config, sizes)
     if not cfg.experts:
-        raise ValueError("mixtral.spec: ModelConfig.experts must be > 0 (a dense model is ucp_plugin.models.llama)")
+        raise ValueError("mixtral.spec: ModelConfig.experts must be > 0 "
+                         "(a dense model is ucp_plugin.models.llama)")
     if cfg.grouped_mlp:
         raise UnsupportedError("mixtral.spec(grouped_mlp=True): " + GROUPED_MLP_GAP)
     rules = (b.embedding_rules(cfg, ARCH) + b.norm_rules(ARCH, moe=True) + b.attention_rules(cfg, ARCH)

@@ -1,0 +1,322 @@
+"""Save and load universal checkpoints of megatron-core GPT models (docs/FORMAT.md), at any layout.
+
+Save: every rank writes only what it holds, as pieces of atoms named globally through the family's
+spec (``model_view``): for each parameter, the fp32 master and every optimizer state over the range
+of the TP-local tensor this rank owns (``optimizer_view``: the DistributedOptimizer's DP shard; with
+a non-distributed optimizer, the r-th of DP near-equal slices so no byte is written twice), plus the
+scalar states (``step``). A TP-replicated parameter is written by TP rank 0 (all TP ranks when its
+split's ``reduce`` is "check"/"average"); a tied output layer is not written (it is the embedding's
+atom); vocabulary padding rows are never written. Rank 0 writes the common state (iteration,
+scheduler, optimizer hyper-parameters, grad scaler, caller's extra state); every rank its RNG.
+
+Load, on any TP/PP/DP/EP/SP layout and either optimizer kind: each rank reads the region of each atom
+its local tensor is (padding rows read as zeros), sets the model parameter, its master and (when the
+checkpoint has them and an optimizer is given) the optimizer states of the range it owns, each
+parameter with its own ``step``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..comm import Comm
+from ..errors import StateMismatchError
+from ..format import Layout
+from ..language import Replicated
+from ..models.config import ModelConfig
+from ..session import SaveHeader, save_universal as run_save
+from ..storage import AtomInfo, Checkpoint, ShardWriter
+from . import optimizer_view as O
+from . import vocab_padding as P
+from .build import unwrap
+from .model_view import ParamEntry, dp_share, layers_per_stage, param_entries, resolve_spec
+
+log = logging.getLogger(__name__)
+ADAPTER, ADAPTER_VERSION = "megatron.core", "1"
+WEIGHT = {"param": "fp32", "frozen": "param"}
+_HYPER_TYPES = (int, float, bool, str, type(None))
+PAD_SPLIT = Replicated().to_json()  # a padding atom is read by explicit row ranges, never planned by split
+
+
+@dataclass(frozen=True)
+class RankView:
+    """This rank's model in the checkpoint language."""
+    family: str
+    config: ModelConfig
+    entries: tuple[ParamEntry, ...]
+    layout: Layout
+
+
+def as_chunks(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None) -> RankView:
+    from megatron.core import parallel_state as ps
+
+    family, config, spec = resolve_spec(chunks, family, config, vocab)
+    tconfig = unwrap(chunks[0]).config
+    param_dtype = str(next(unwrap(chunks[0]).parameters()).dtype).replace("torch.", "")
+    layout = Layout(tp=ps.get_tensor_model_parallel_world_size(),
+                    pp=ps.get_pipeline_model_parallel_world_size(),
+                    dp=ps.get_data_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size(),
+                    sp=bool(tconfig.sequence_parallel),
+                    zero_stage=1 if optimizer is not None and O.is_distributed(optimizer) else 0,
+                    param_dtype=param_dtype, layers_per_stage=layers_per_stage(chunks))
+    return RankView(family, config, tuple(param_entries(chunks, spec, config)), layout)
+
+
+# ------------------------------------------------------------------------------------------- save
+
+def _writes(e: ParamEntry) -> int | None:
+    """The replica index this rank writes for ``e``, or None when another rank writes it."""
+    if e.tied_to:
+        return None
+    if isinstance(e.split, Replicated):
+        if e.split.reduce == "first":
+            return 0 if e.tp_rank == 0 else None
+        return e.tp_rank
+    return 0
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _pieces(e: ParamEntry, master: O.Master | None) -> tuple[int, int, dict, dict]:
+    """(start, stop, {state: 1-D tensor of local elements [start, stop)}, scalars) this rank writes."""
+    if master is not None and master.distributed:
+        start, stop = master.start, master.stop
+    else:
+        start, stop = dp_share(e.param.numel(), e.dp_rank, e.dp)
+    if master is None:
+        flat = e.param.detach().reshape(-1)[start:stop]
+        key = "fp32" if e.param.requires_grad else "param"
+        return start, stop, {key: flat.float() if key == "fp32" else flat}, {}
+    lo, hi = start - master.start, stop - master.start
+    tensors = {"fp32": master.main[lo:hi]}
+    tensors.update({k: v.reshape(-1)[lo:hi] for k, v in O.tensor_states(master.state).items()})
+    return start, stop, tensors, O.scalar_states(master.state)
+
+
+def _add(writer: ShardWriter, info: AtomInfo, tensors: dict, region, start: int, replica: int) -> None:
+    writer.add_atom(info)
+    for key, flat in tensors.items():
+        writer.add(info.name, key, flat, region, start, replica)
+
+
+def _info(name: str, kind: str, shape, split: dict, tensors: dict, scalars: dict) -> AtomInfo:
+    return AtomInfo(name, kind, tuple(shape), split, {k: _dtype_name(v) for k, v in tensors.items()}, scalars)
+
+
+def write_params(writer: ShardWriter, view: RankView, optimizer) -> None:
+    owned = O.masters(optimizer) if optimizer is not None else {}
+    distributed = optimizer is not None and O.is_distributed(optimizer)
+    for e in view.entries:
+        replica = _writes(e)
+        master = owned.get(e.param)
+        if replica is None or (distributed and e.param.requires_grad and master is None):
+            continue  # another rank writes it (TP rank 0, the DP rank owning the shard)
+        start, stop, tensors, scalars = _pieces(e, master)
+        kind, real = ("param" if e.param.requires_grad else "frozen"), e.real_numel
+        if min(stop, real) > start:
+            part = {k: v[:min(stop, real) - start] for k, v in tensors.items()}
+            info = _info(e.global_name, kind, e.global_shape, e.split.to_json(), part, scalars)
+            _add(writer, info, part, e.region, start, replica)
+        if stop > max(start, real) and P.padded(e):
+            part = {k: v[max(start, real) - start:] for k, v in tensors.items()}
+            info = _info(P.atom_name(e.global_name), kind, P.atom_shape(e), PAD_SPLIT, part, scalars)
+            _add(writer, info, part, P.region(e), max(start, real) - real, replica)
+
+
+def optimizer_hyper(optimizer) -> list[list[dict]]:
+    """Each inner optimizer's param-group hyper-parameters (lr, betas, weight decay, multipliers)."""
+    return [[{k: v for k, v in g.items() if k != "params" and _plain(v)} for g in o.optimizer.param_groups]
+            for o in O.inner_optimizers(optimizer)]
+
+
+def _plain(v) -> bool:
+    if isinstance(v, tuple):
+        return all(isinstance(x, _HYPER_TYPES) for x in v)
+    return isinstance(v, _HYPER_TYPES)
+
+
+def common_state(view, optimizer, iteration, scheduler_state, extra_state) -> dict:
+    saved_opt = None
+    if optimizer is not None:
+        scaler = getattr(optimizer, "grad_scaler", None)
+        saved_opt = {"param_groups": optimizer_hyper(optimizer),
+                     "grad_scaler": scaler.state_dict() if scaler else None}
+    return {"iteration": iteration, "scheduler": scheduler_state, "extra": extra_state, "optimizer": saved_opt,
+            "family": view.family, "model_config": asdict(view.config)}
+
+
+def rank_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "rng_tracker": dict(get_cuda_rng_tracker().get_states())}
+    try:
+        state["cuda"] = torch.cuda.get_rng_state()
+    except (RuntimeError, AssertionError):  # no CUDA and no CPU shim
+        state["cuda"] = None
+    return state
+
+
+def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | None = None,
+                   scheduler_state: dict | None = None, extra_state: dict | None = None, *,
+                   family: str | None = None, config: ModelConfig | None = None, vocab: int | None = None,
+                   update_latest: bool = True) -> str:
+    """Every rank calls this; returns ``<save_dir>/<tag>``. ``optimizer=None`` saves weights only."""
+    import megatron.core
+
+    chunks, comm = as_chunks(model), Comm()
+    view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
+    model_info = {"num_layers": view.config.layers, "num_experts": view.config.experts,
+                  "num_heads": view.config.heads, "num_query_groups": view.config.groups,
+                  "config": asdict(view.config)}
+    header = SaveHeader(ADAPTER, ADAPTER_VERSION, "megatron-core", megatron.core.__version__, view.layout,
+                        family=view.family, iteration=iteration, model=model_info)
+
+    def fill(writer: ShardWriter) -> None:
+        write_params(writer, view, optimizer)
+        if comm.rank == 0:
+            writer.save_state(common_state(view, optimizer, iteration, scheduler_state, extra_state),
+                              common=True)
+        writer.save_state(rank_state())
+
+    return run_save(comm, str(save_dir), str(tag), header, fill, update_latest=update_latest)
+
+
+# ------------------------------------------------------------------------------------------- load
+
+def check_atoms(ck: Checkpoint, view: RankView) -> None:
+    """Every local parameter has its atom, with the shape this model expects."""
+    stored = {a.name: a for a in ck.manifest.atoms}
+    missing = sorted({e.source for e in view.entries if e.source not in stored})
+    if missing:
+        raise StateMismatchError(f"{ck.path}: the model has {len(missing)} parameter(s) the checkpoint "
+                                 f"lacks, e.g. {missing[:5]}; is it the same model (family "
+                                 f"{view.family!r}, {view.config})?")
+    bad = [(e.source, list(stored[e.source].shape), list(e.global_shape)) for e in view.entries
+           if tuple(stored[e.source].shape) != tuple(e.global_shape)]
+    if bad:
+        raise StateMismatchError(f"{ck.path}: shape mismatch (atom, checkpoint, this model): {bad[:5]}; "
+                                 "check the ModelConfig (vocab, ffn, heads, query groups)")
+
+
+def has_optimizer_states(ck: Checkpoint) -> bool:
+    return any(set(a.states) - {"fp32"} for a in ck.manifest.atoms if a.kind == "param")
+
+
+def read_local(ck: Checkpoint, e: ParamEntry, state: str, start: int, stop: int, dtype) -> torch.Tensor:
+    """Local elements [start, stop) of ``e``'s ``state``, vocabulary padding rows included."""
+    out = ck.read_fragment(e.source, state, e.region, start, stop, dtype)
+    P.overlay(ck, e, state, start, out)
+    return out
+
+
+def _load_master(ck: Checkpoint, e: ParamEntry, master: O.Master, weight: torch.Tensor, with_opt: bool):
+    master.main.copy_(weight[master.start:master.stop])
+    if not with_opt:
+        return
+    atom = ck.atom(e.source)
+    for key, live in O.tensor_states(master.state).items():
+        if key not in atom.states:
+            raise StateMismatchError(f"{ck.path}: parameter {e.source!r} has no optimizer state {key!r} "
+                                     f"(it has {sorted(atom.states)}); load with the optimizer that saved "
+                                     "it, or without optimizer state")
+        live.copy_(read_local(ck, e, key, master.start, master.stop, live.dtype).view(live.shape))
+    O.set_scalars(master.state, atom.scalars)
+
+
+@torch.no_grad()
+def load_params(ck: Checkpoint, view: RankView, optimizer, with_opt: bool) -> None:
+    owned = O.masters(optimizer) if optimizer is not None else {}
+    for e in view.entries:
+        kind = ck.atom(e.source).kind
+        weight = read_local(ck, e, WEIGHT[kind], 0, e.param.numel(), torch.float32)
+        e.param.copy_(weight.view(e.param.shape))
+        master = owned.get(e.param)
+        if master is not None:
+            _load_master(ck, e, master, weight, with_opt and kind == "param")
+
+
+def _counted(view: RankView) -> int:
+    """Atoms this rank is the designated reader of (TP rank 0, DP rank 0): summed over ranks, each
+    atom the model uses is counted once."""
+    return len({e.source for e in view.entries if not e.tied_to and e.tp_rank == 0 and e.dp_rank == 0})
+
+
+def restore_optimizer_hyper(optimizer, saved: list[list[dict]]) -> None:
+    """lr and weight decay per param group, matched on the group's other hyper-parameters (the groups
+    differ by layout: with EP > 1 expert parameters get their own optimizer). A scheduler restored
+    afterwards sets them again from its own state."""
+    pool = [g for groups in saved for g in groups]
+    volatile = {"lr", "weight_decay", "is_expert_parallel", "step"}
+    for opt in O.inner_optimizers(optimizer):
+        for group in opt.optimizer.param_groups:
+            sig = {k: v for k, v in group.items() if k not in volatile and k != "params" and _plain(v)}
+            match = next((g for g in pool if {k: g.get(k) for k in sig} == sig), None)
+            if match is None:
+                log.warning("no saved param group matches %s; keeping its lr/weight decay", sig)
+                continue
+            group.update({k: match[k] for k in ("lr", "weight_decay") if k in match})
+
+
+def restore_rank_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(dict(state["rng_tracker"]))
+
+
+def restore_state(ck: Checkpoint, view: RankView, optimizer, rank: int, with_opt: bool) -> dict:
+    common = ck.load_state() if ck.has_state() else {}
+    saved_opt = common.get("optimizer") or {}
+    if with_opt and saved_opt.get("param_groups"):
+        restore_optimizer_hyper(optimizer, saved_opt["param_groups"])
+    scaler = getattr(optimizer, "grad_scaler", None) if with_opt else None
+    if scaler is not None and saved_opt.get("grad_scaler"):
+        scaler.load_state_dict(saved_opt["grad_scaler"])
+    same = ck.manifest.layout.world_size == view.layout.world_size and \
+        (ck.manifest.layout.tp, ck.manifest.layout.pp, ck.manifest.layout.ep) == \
+        (view.layout.tp, view.layout.pp, view.layout.ep)
+    if same and ck.has_state(rank):
+        restore_rank_state(ck.load_state(rank))
+    else:
+        log.info("layout changed (%s -> %s): RNG states are not restored", ck.manifest.layout.describe(),
+                 view.layout.describe())
+    return {"iteration": common.get("iteration", ck.manifest.iteration),
+            "scheduler_state": common.get("scheduler"), "extra_state": common.get("extra")}
+
+
+def load_universal(model, optimizer, load_dir: str, tag: str | None = None, verify: bool = True, *,
+                   family: str | None = None, config: ModelConfig | None = None, vocab: int | None = None,
+                   strict: bool = True) -> dict:
+    """Every rank calls this. Returns {"iteration", "scheduler_state", "extra_state"}. The optimizer
+    states are loaded when ``optimizer`` is given and the checkpoint has them."""
+    chunks, comm = as_chunks(model), Comm()
+    view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
+    path = os.path.join(str(load_dir), tag) if tag else str(load_dir)
+    ck = comm.run(lambda: Checkpoint.open(path, verify))
+    comm.run(lambda: check_atoms(ck, view))
+    with_opt = optimizer is not None and has_optimizer_states(ck)
+    if with_opt:
+        O.ensure_state(optimizer)
+    comm.run(lambda: load_params(ck, view, optimizer, with_opt))
+    used = comm.all_sum(_counted(view))
+    stored = sum(1 for a in ck.manifest.atoms if a.kind in WEIGHT and not a.name.endswith(P.SUFFIX))
+    if strict and used != stored:
+        raise StateMismatchError(f"{ck.path}: the checkpoint has {stored} parameters, this model uses "
+                                 f"{used}; inspect both (ucp inspect) or pass strict=False")
+    return comm.run(lambda: restore_state(ck, view, optimizer, comm.rank, with_opt))

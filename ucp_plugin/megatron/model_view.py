@@ -1,0 +1,179 @@
+"""What one rank holds of a Megatron model, in the checkpoint language: for each local parameter its
+global (atom) name, split, global shape and the region of the atom its local tensor is.
+
+The family's ``ModelSpec`` comes from a ``ModelConfig``; for a model built elsewhere (Megatron-LM)
+it is read off megatron's ``TransformerConfig`` (``infer_model_config``), except the unpadded vocabulary
+size, which megatron never sees (it builds the embedding with the padded size): it comes from the
+caller or from Megatron-LM's arguments / tokenizer.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import SpecError, UnsupportedError
+from ..format import Region
+from ..language import Fused, ModelSpec, Partitioned, Replicated, Split, VocabPartitioned
+from ..models.config import ModelConfig
+from ..plan import region_for
+from .build import family_module, name_offsets, unwrap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParamEntry:
+    """One local parameter of this rank. ``tp_rank``/``tp`` are the (expert-)tensor-parallel
+    coordinates that split it; ``dp_rank``/``dp`` the data-parallel group that replicates it."""
+    local_name: str
+    global_name: str
+    split: Split
+    tied_to: str | None
+    global_shape: tuple[int, ...]
+    region: Region
+    tp_rank: int
+    tp: int
+    dp_rank: int
+    dp: int
+    expert: bool
+    param: torch.nn.Parameter = field(compare=False, repr=False)
+
+    @property
+    def source(self) -> str:
+        """The atom this parameter is read from (a tied output layer reads the embedding's)."""
+        return self.tied_to or self.global_name
+
+    @property
+    def real_numel(self) -> int:
+        """Elements of the local tensor that belong to the atom: vocabulary padding rows (the last
+        rows of a dim-0 region) are excluded, so they are never written."""
+        if not self.region.pad or self.region.dim != 0:
+            return self.param.numel()
+        rows = sum(e - s for s, e in self.region.intervals)
+        return rows * (self.param.numel() // self.param.shape[0])
+
+
+def infer_family(tconfig) -> str:
+    """gpt / llama / mixtral from megatron's TransformerConfig (pass ``family`` to be explicit)."""
+    if getattr(tconfig, "num_moe_experts", None):
+        return "mixtral"
+    if tconfig.normalization == "RMSNorm" and tconfig.gated_linear_unit:
+        return "llama"
+    return "gpt"
+
+
+def megatron_lm_vocab() -> tuple[int | None, int | None]:
+    """(unpadded vocab size, make_vocab_size_divisible_by) from Megatron-LM, when it is running."""
+    try:
+        from megatron.training.global_vars import get_args, get_tokenizer
+    except ImportError:
+        return None, None
+    try:
+        args = get_args()
+    except Exception:  # megatron.training importable but not initialised: not a Megatron-LM run
+        return None, None
+    vocab = getattr(args, "vocab_size", None)
+    try:
+        vocab = get_tokenizer().vocab_size
+    except Exception:  # no tokenizer built (e.g. --vocab-size with a null tokenizer)
+        pass
+    return vocab, getattr(args, "make_vocab_size_divisible_by", None)
+
+
+def infer_model_config(model, vocab: int | None = None, divisible_by: int | None = None) -> ModelConfig:
+    """The ModelConfig of a megatron GPTModel (any chunk of it)."""
+    gpt = unwrap(model)
+    c = gpt.config
+    lm_vocab, lm_divisible = megatron_lm_vocab()
+    vocab = vocab or lm_vocab
+    if not vocab:
+        raise UnsupportedError("the unpadded vocabulary size is unknown (megatron only knows the padded "
+                               f"{gpt.vocab_size}); pass config=ModelConfig(...) or vocab=N to "
+                               "save_universal/load_universal")
+    return ModelConfig(hidden=c.hidden_size, heads=c.num_attention_heads, ffn=c.ffn_hidden_size,
+                       layers=c.num_layers, vocab=vocab, query_groups=c.num_query_groups,
+                       divisible_by=divisible_by or lm_divisible or 128,
+                       tied=bool(gpt.share_embeddings_and_output_weights),
+                       experts=c.num_moe_experts or 0, topk=c.moe_router_topk,
+                       moe_ffn=c.moe_ffn_hidden_size if c.num_moe_experts else None,
+                       grouped_mlp=bool(c.moe_grouped_gemm), seq_length=gpt.max_sequence_length)
+
+
+def resolve_spec(chunks: list, family: str | None, config: ModelConfig | None,
+                 vocab: int | None = None) -> tuple[str, ModelConfig, ModelSpec]:
+    tconfig = unwrap(chunks[0]).config
+    family = family or infer_family(tconfig)
+    config = config or infer_model_config(chunks[0], vocab)
+    return family, config, family_module(family).spec(config)
+
+
+def global_shape(name: str, split: Split, local_shape: tuple[int, ...], tp: int,
+                 vocab: int) -> tuple[int, ...]:
+    """The atom's shape, from a local tensor's shape and its split."""
+    shape = list(local_shape)
+    if isinstance(split, Replicated):
+        return tuple(shape)
+    if isinstance(split, (Partitioned, Fused)):
+        shape[split.dim] *= tp
+    elif isinstance(split, VocabPartitioned):
+        shape[split.dim] = vocab
+    else:
+        raise UnsupportedError(f"parameter {name!r}: split kind {split.kind!r} is not supported by the "
+                               "Megatron adapter")
+    return tuple(shape)
+
+
+def _groups(expert: bool) -> tuple[int, int, int, int]:
+    """(tp_rank, tp, dp_rank, dp) of a dense or an expert parameter."""
+    from megatron.core import parallel_state as ps
+
+    if expert:
+        return (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
+                ps.get_expert_data_parallel_rank(), ps.get_expert_data_parallel_world_size())
+    return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+
+
+def param_entries(chunks: list, spec: ModelSpec, cfg: ModelConfig) -> list[ParamEntry]:
+    """Every local parameter of every model chunk of this rank, checked against the spec."""
+    entries = []
+    for chunk in chunks:
+        gpt = unwrap(chunk)
+        offsets = name_offsets(gpt, cfg)
+        for local, param in gpt.named_parameters():
+            entries.append(_entry(spec, cfg, local, spec.to_global(local, offsets), param))
+    return entries
+
+
+def _entry(spec: ModelSpec, cfg: ModelConfig, local: str, name: str, param) -> ParamEntry:
+    rule = spec.rule_for(name)
+    expert = ".experts." in name
+    tp_rank, tp, dp_rank, dp = _groups(expert)
+    shape = global_shape(name, rule.split, tuple(param.shape), tp, cfg.vocab)
+    region = region_for(rule.split, shape, tp_rank, tp)
+    if tuple(region.local_shape(shape)) != tuple(param.shape):
+        raise SpecError(f"parameter {name!r}: the {spec.family} spec's split {rule.split} gives TP rank "
+                        f"{tp_rank} of {tp} a {list(region.local_shape(shape))} tensor, megatron built "
+                        f"{list(param.shape)}; fix the model spec (or the ModelConfig: vocab/divisible_by)")
+    return ParamEntry(local, name, rule.split, rule.tied_to, shape, region, tp_rank, tp, dp_rank, dp,
+                      expert, param)
+
+
+def dp_share(numel: int, dp_rank: int, dp: int) -> tuple[int, int]:
+    """The elements DP rank ``dp_rank`` writes of a tensor every DP rank holds (near-equal slices)."""
+    per = -(-numel // dp)
+    return min(dp_rank * per, numel), min((dp_rank + 1) * per, numel)
+
+
+def layers_per_stage(chunks: list) -> tuple[int, ...] | None:
+    """Transformer layers on each pipeline stage (for the manifest)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    config = unwrap(chunks[0]).config
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if config.virtual_pipeline_model_parallel_size:
+        return None  # interleaved stages: one count per stage does not describe it
+    return tuple(get_num_layers_to_build(config, pp_rank=r) for r in range(pp))

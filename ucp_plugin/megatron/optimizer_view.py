@@ -1,0 +1,125 @@
+"""Where a megatron optimizer keeps each model parameter's fp32 master and optimizer state.
+
+- ``DistributedOptimizer``: each DP rank owns a contiguous range ``[start, stop)`` of every parameter's
+  flattened local tensor it overlaps (the grad buffer is cut into DP shards regardless of parameter
+  boundaries); its master is a 1-D fp32 tensor of that range (for fp32 models a view into the
+  parameter itself), and the inner torch optimizer keeps the state of that 1-D tensor.
+- ``Float16OptimizerWithFloat16Params`` (bf16/fp16 without the distributed optimizer): a whole fp32
+  copy per parameter (``fp32_from_float16_groups``); fp32 parameters are their own masters.
+- ``FP32Optimizer``: the parameter is its own master.
+- ``ChainedOptimizer`` (MoE: dense and expert parameters use different DP groups): each inner one.
+
+The state entries returned are the live dicts of the inner torch optimizer: writing into their
+tensors (``copy_``) changes the optimizer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class Master:
+    """This rank's master of elements ``[start, stop)`` of one parameter's local tensor."""
+    start: int
+    stop: int
+    main: torch.Tensor = field(repr=False)
+    state: dict = field(repr=False, compare=False)
+    distributed: bool = False
+
+
+def inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def is_distributed(optimizer) -> bool:
+    return any(hasattr(o, "model_param_group_index_map") for o in inner_optimizers(optimizer))
+
+
+def masters(optimizer) -> dict:
+    """{model parameter: Master} for every parameter this rank keeps a master of."""
+    out = {}
+    for opt in inner_optimizers(optimizer):
+        if getattr(getattr(opt, "config", None), "use_precision_aware_optimizer", False):
+            raise UnsupportedError("use_precision_aware_optimizer=True keeps scaled low-precision states "
+                                   "the universal checkpoint does not read yet; train with it off")
+        if hasattr(opt, "model_param_group_index_map"):
+            out.update(_distributed_masters(opt))
+        elif hasattr(opt, "fp32_from_float16_groups"):
+            out.update(_float16_masters(opt))
+        else:
+            out.update(_fp32_masters(opt))
+    return out
+
+
+def _distributed_masters(opt) -> dict:
+    out = {}
+    for param, (group, order) in opt.model_param_group_index_map.items():
+        main = opt.optimizer.param_groups[group]["params"][order]
+        owned = opt._get_model_param_range_map(param)["param"]
+        out[param] = Master(owned.start, owned.end, main.detach().view(-1), opt.optimizer.state[main], True)
+    return out
+
+
+def _float16_masters(opt) -> dict:
+    out = {}
+    for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups):
+        for param, main in zip(model_group, main_group):
+            out[param] = Master(0, param.numel(), main.detach().view(-1), opt.optimizer.state[main])
+    for group in opt.fp32_from_fp32_groups:
+        for param in group:
+            out[param] = Master(0, param.numel(), param.detach().view(-1), opt.optimizer.state[param])
+    return out
+
+
+def _fp32_masters(opt) -> dict:
+    return {param: Master(0, param.numel(), param.detach().view(-1), opt.optimizer.state[param])
+            for group in opt.optimizer.param_groups for param in group["params"]}
+
+
+def ensure_state(optimizer) -> None:
+    """Allocate optimizer state where there is none yet (a fresh optimizer, before a load): one
+    optimizer step with zero gradients on the masters. It moves the masters by weight decay and sets
+    ``step`` to 1; the load overwrites both."""
+    for opt in inner_optimizers(optimizer):
+        inner = opt.optimizer
+        params = [p for g in inner.param_groups for p in g["params"] if p.numel()]
+        if all(inner.state.get(p) for p in params):
+            continue
+        with torch.no_grad():
+            saved = [(p, p.grad) for p in params]
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            inner.step()
+            for p, grad in saved:
+                p.grad = grad
+
+
+def tensor_states(state: dict) -> dict[str, torch.Tensor]:
+    """The per-element states of one master (``exp_avg``, ``exp_avg_sq``, ...)."""
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
+
+
+def scalar_states(state: dict) -> dict[str, int | float]:
+    """The scalar states (torch AdamW's ``step`` tensor, plain numbers) as numbers."""
+    out = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() == 0:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = int(value) if float(value).is_integer() else float(value)
+    return out
+
+
+def set_scalars(state: dict, scalars: dict) -> None:
+    """Each master gets its own tensors: torch AdamW increments ``step`` in place, so one tensor shared
+    by several parameters would advance once per parameter per step."""
+    for key, value in scalars.items():
+        old = state.get(key)
+        if torch.is_tensor(old):
+            state[key] = torch.tensor(float(value), dtype=old.dtype, device=old.device)
+        else:
+            state[key] = value

@@ -1,0 +1,94 @@
+"""Identical initial weights at every layout, for tests that compare runs across layouts.
+
+Every rank builds the whole model once at TP=PP=EP=1 with a fixed seed (megatron's own CPU
+initialisation, so the values are the distributions megatron uses), then copies its own shard of each
+parameter into its stage model using megatron's partition attributes (``partition_dim``,
+``partition_stride``, exactly as ``_initialize_affine_weight_cpu`` slices a master weight) -- not our
+checkpoint language, so the language is tested against an independent reference.
+
+Vocabulary padding rows are set to zero at every layout: megatron pads to ``divisible_by * TP`` rows,
+so the padding differs between layouts, and it would otherwise hold layout-dependent random values.
+(Padded rows still enter the softmax: runs compare exactly only when the padded sizes agree.)
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import StateMismatchError
+from ..language import ModelSpec
+from ..models.config import ModelConfig
+from .build import build_stage_model, global_named_parameters
+from .layout import MegatronLayout, init_parallel_state
+
+
+def full_reference_state(family: str, cfg: ModelConfig, seed: int, **overrides) -> dict[str, torch.Tensor]:
+    """The TP=PP=EP=1 parameters (global names), vocab rows cut to ``cfg.vocab``. Leaves megatron's
+    parallel_state initialised for TP=PP=1 (re-initialise for the target layout afterwards).
+    ``overrides`` are TransformerConfig fields, as for the stage model."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    single = MegatronLayout(dp=dist.get_world_size())
+    init_parallel_state(single)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    model = build_stage_model(family, cfg, single, **overrides)
+    state = {}
+    for name, param in model.named_parameters():
+        value = param.detach().clone()
+        if getattr(param, "is_embedding_or_output_parameter", False):
+            value = value[: cfg.vocab]
+        state[name] = value
+    return state
+
+
+def megatron_shard(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s slice as megatron lays it out: ``full`` cut into ``world * stride`` equal
+    chunks along ``dim``; the rank holds chunks rank, rank + world, ... (stride 2: [gate_r; up_r])."""
+    per_chunk = full.shape[dim] // (world * stride)
+    chunks = torch.split(full, per_chunk, dim=dim)
+    return torch.cat(chunks[rank::world], dim=dim)
+
+
+def _tp_rank_world(global_name: str) -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    if ".experts." in global_name:
+        return ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+def _pad_rows(value: torch.Tensor, rows: int) -> torch.Tensor:
+    padded = value.new_zeros((rows, *value.shape[1:]))
+    padded[: value.shape[0]] = value
+    return padded
+
+
+def local_shard(global_name: str, param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    rank, world = _tp_rank_world(global_name)
+    dim = param.partition_dim
+    if getattr(param, "is_embedding_or_output_parameter", False):
+        full = _pad_rows(full, param.shape[dim] * world)
+    return megatron_shard(full, dim, param.partition_stride, rank, world)
+
+
+@torch.no_grad()
+def copy_reference_shards(model, state: dict[str, torch.Tensor], spec: ModelSpec, cfg: ModelConfig) -> int:
+    """Copy this rank's shard of ``state`` into ``model`` (before wrapping it in DDP); returns the
+    number of parameters set. A tied output layer reads the word embedding's value."""
+    count = 0
+    for global_name, param in global_named_parameters(model, spec, cfg):
+        source = spec.rule_for(global_name).tied_to or global_name
+        if source not in state:
+            raise StateMismatchError(f"parameter {global_name!r} (read from {source!r}) is not in the "
+                                     "TP=PP=EP=1 reference model; the model spec and the stage model "
+                                     "disagree")
+        shard = local_shard(global_name, param, state[source])
+        if tuple(shard.shape) != tuple(param.shape):
+            raise StateMismatchError(f"parameter {global_name!r}: reference shard {list(shard.shape)} vs "
+                                     f"local {list(param.shape)}; check the layout's vocab padding / splits")
+        param.copy_(shard)
+        count += 1
+    return count
