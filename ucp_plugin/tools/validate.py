@@ -70,7 +70,8 @@ def validate(path: str, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1,
     target = f"TP{tp}·PP{pp}·DP{dp}" + (f"·EP{ep}" if ep > 1 else "") + \
         (f" ZeRO-{zero_stage}" if zero_stage is not None else "")
     why = reasons(m, tp, pp, ep, zero_stage)
-    if ep > 1 and (tp * dp) % ep:
-        why.append(f"EP={ep} must divide TP×DP={tp * dp} (experts are spread over data-parallel ranks)")
+    if ep > 1 and dp % ep:
+        why.append(f"EP={ep} must divide DP={dp} (with expert tensor parallelism equal to TP, megatron-core "
+                   "spreads experts over the data-parallel ranks)")
     nearest = _nearest(m, tp, pp, dp, ep, zero_stage) if why else ()
     return Verdict(path, target, tuple(why), nearest)
