@@ -2,8 +2,13 @@
 in fresh processes, compare with an uninterrupted run on A, write losses (CSV/JSON) and a plot.
 
     python3 -m recipes.main --family gpt --layout-a zero2-dp4 --layout-b zero3-dp2
+    python3 -m recipes.main --family llama --layout-a tp2-pp2 --layout-b tp1-dp4
+    python3 -m recipes.main --family mixtral --layout-a ep2-dp2 --layout-b tp2-sp
 
-Exits 1 if the resumed losses leave the uninterrupted ones by more than ``--tolerance`` (relative).
+GPT runs on DeepSpeed ZeRO (layouts ``zero<stage>-dp<N>[-bf16]``); LLaMA and Mixtral run on
+megatron-core through the Megatron-style entry ``recipes.megatron.pretrain`` (layouts
+``tp<N>-pp<N>-dp<N>-ep<N>[-sp]``, DP inferred from the world size). Exits 1 if the resumed losses
+leave the uninterrupted ones by more than ``--tolerance`` (relative).
 """
 from __future__ import annotations
 
@@ -13,24 +18,64 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass, replace
 
 from recipes.common import compare, write_results
 from ucp_plugin.launcher import run_workers
 
+
+@dataclass(frozen=True)
+class Recipe:
+    worker: str
+    layout_a: str
+    layout_b: str
+    model: dict
+    tolerance: float
+    megatron_flags: tuple[str, ...] = ()  # model flags for the Megatron-style entry
+
+
+LLAMA_FLAGS = ("--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
+               "--num-query-groups", "2", "--ffn-hidden-size", "128", "--swiglu", "--normalization", "RMSNorm",
+               "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
+               "--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "8",
+               "--use-distributed-optimizer", "--universal-checkpoint")
 FAMILIES = {
-    # family: (worker, default layout A, default layout B, model config, tolerance)
-    "gpt": ("recipes.gpt.train:train", "zero2-dp4", "zero3-dp2",
-            dict(seq=64, d_model=128, heads=4, layers=4, ffn=512), 1e-5),
+    "gpt": Recipe("recipes.gpt.train:train", "zero2-dp4", "zero3-dp2",
+                  dict(seq=64, d_model=128, heads=4, layers=4, ffn=512), 1e-5),
+    "llama": Recipe("recipes.megatron.pretrain:worker", "tp2-pp2", "tp1-dp4", {}, 1e-5, LLAMA_FLAGS),
+    "mixtral": Recipe("recipes.megatron.pretrain:worker", "ep2-dp2", "tp2-sp", {}, 1e-5,
+                      LLAMA_FLAGS + ("--num-experts", "4", "--moe-router-topk", "2")),
 }
+MEGATRON_AXES = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
+                 "ep": "--expert-model-parallel-size"}
+
+
+def _axes(layout: str) -> dict[str, int]:
+    out = {}
+    for token in layout.lower().split("-"):
+        for axis in ("dp", "tp", "pp", "ep"):
+            if token.startswith(axis) and token[len(axis):].isdigit():
+                out[axis] = int(token[len(axis):])
+    return out
 
 
 def _world(layout: str) -> int:
-    size = 1
-    for token in layout.lower().split("-"):
-        for axis in ("dp", "tp", "pp"):
-            if token.startswith(axis) and token[len(axis):].isdigit():
-                size *= int(token[len(axis):])
-    return size
+    a = _axes(layout)
+    return a.get("tp", 1) * a.get("pp", 1) * a.get("dp", 1)
+
+
+def _kwargs(recipe: Recipe, layout: str, steps: int, total: int, save: str | None = None,
+            load: str | None = None) -> dict:
+    """The worker's arguments for one phase: the DeepSpeed recipe takes a layout string, the
+    Megatron-style entry takes Megatron-LM flags."""
+    if not recipe.megatron_flags:
+        return dict(layout=layout, steps=steps, model=recipe.model, save_dir=save, load_dir=load)
+    argv = list(recipe.megatron_flags) + ["--train-iters", str(total)]
+    argv += [x for axis, n in _axes(layout).items() if axis in MEGATRON_AXES for x in (MEGATRON_AXES[axis], str(n))]
+    argv += ["--sequence-parallel"] if "sp" in layout.lower().split("-") else []
+    argv += ["--save", save, "--save-interval", str(total)] if save else []
+    argv += ["--load", load] if load else []
+    return dict(argv=argv)
 
 
 def _phase(label: str, layout: str, worker: str, kwargs: dict, steps: int, out: str) -> list[float]:
@@ -67,17 +112,18 @@ def _phase(label: str, layout: str, worker: str, kwargs: dict, steps: int, out: 
 
 def run(family: str, layout_a: str, layout_b: str, steps: int, resume_steps: int, out: str,
         tolerance: float | None = None, model: dict | None = None) -> int:
-    worker, _, _, default_model, default_tol = FAMILIES[family]
-    model = {**default_model, **(model or {})}
-    tol = default_tol if tolerance is None else tolerance
+    recipe = FAMILIES[family]
+    recipe = replace(recipe, model={**recipe.model, **(model or {})})
+    tol = recipe.tolerance if tolerance is None else tolerance
     ckpt = os.path.join(out, "checkpoint")
+    total = steps + resume_steps
     t0 = time.time()
-    before = _phase(f"A: train on {layout_a}", layout_a, worker,
-                    dict(layout=layout_a, steps=steps, model=model, save_dir=ckpt), steps, out)
-    resumed = _phase(f"B: resume on {layout_b}", layout_b, worker,
-                     dict(layout=layout_b, steps=resume_steps, model=model, load_dir=ckpt), resume_steps, out)
-    reference = _phase(f"A': uninterrupted {layout_a}", layout_a, worker,
-                       dict(layout=layout_a, steps=steps + resume_steps, model=model), steps + resume_steps, out)
+    before = _phase(f"A: train on {layout_a}", layout_a, recipe.worker,
+                    _kwargs(recipe, layout_a, steps, steps, save=ckpt), steps, out)
+    resumed = _phase(f"B: resume on {layout_b}", layout_b, recipe.worker,
+                     _kwargs(recipe, layout_b, resume_steps, total, load=ckpt), resume_steps, out)
+    reference = _phase(f"A': uninterrupted {layout_a}", layout_a, recipe.worker,
+                       _kwargs(recipe, layout_a, total, total), total, out)
     cmp = compare(resumed, reference[steps:], tol)
     paths = write_results(out, before, resumed, reference, dict(
         family=family, layout_a=layout_a, layout_b=layout_b, max_rel_diff=cmp.max_rel_diff, tolerance=tol))
@@ -93,21 +139,21 @@ def run(family: str, layout_a: str, layout_b: str, steps: int, resume_steps: int
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=sorted(FAMILIES), default="gpt")
-    ap.add_argument("--layout-a")
-    ap.add_argument("--layout-b")
+    ap.add_argument("--layout-a", help="layout that trains and saves (default per family)")
+    ap.add_argument("--layout-b", help="layout that resumes (default per family)")
     ap.add_argument("--steps", type=int, default=20, help="steps on layout A before the save")
     ap.add_argument("--resume-steps", type=int, default=10, help="steps on layout B after the resume")
     ap.add_argument("--out", default="runs/main")
     ap.add_argument("--tolerance", type=float)
     a = ap.parse_args(argv)
-    _, default_a, default_b, _, _ = FAMILIES[a.family]
+    recipe = FAMILIES[a.family]
     out = os.path.abspath(os.path.join(a.out, a.family))
     if os.path.exists(os.path.join(out, "checkpoint")):
         import shutil
         shutil.rmtree(os.path.join(out, "checkpoint"))
     os.makedirs(out, exist_ok=True)
-    return run(a.family, a.layout_a or default_a, a.layout_b or default_b, a.steps, a.resume_steps, out,
-               a.tolerance)
+    return run(a.family, a.layout_a or recipe.layout_a, a.layout_b or recipe.layout_b, a.steps, a.resume_steps,
+               out, a.tolerance)
 
 
 if __name__ == "__main__":

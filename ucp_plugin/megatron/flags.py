@@ -21,12 +21,13 @@ from dataclasses import dataclass
 FAMILIES = ("gpt", "llama", "mixtral")
 
 
-def add_ucp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_ucp_args(parser: argparse.ArgumentParser, check_patched: bool = True) -> argparse.ArgumentParser:
     """Add ``--universal-checkpoint``, ``--[no-]universal-load-verify`` and
-    ``--universal-model-family`` to Megatron-LM's parser, and return it."""
+    ``--universal-model-family`` to Megatron-LM's parser, and return it. ``check_patched=False`` is
+    for entry points that call ucp_plugin's save/load themselves (no Megatron-LM training loop)."""
     group = parser.add_argument_group(title="universal checkpoint (ucp_plugin)")
     group.add_argument(
-        "--universal-checkpoint", action=_UniversalCheckpointFlag,
+        "--universal-checkpoint", action=_UniversalCheckpointFlag if check_patched else "store_true",
         help="Save to --save and load from --load in the universal checkpoint format, which "
              "resumes on any TP/PP/EP/DP layout (needs ucp_plugin's Megatron-LM patch applied: "
              "python patches/apply_megatron_lm.py MEGATRON_LM_ROOT).")
