@@ -42,7 +42,8 @@ def test_verify_reports_every_problem(tmp_path, capsys):
     assert "rank-00002.safetensors: listed in the manifest but missing" in out
     assert "rank-00001.safetensors: is 100 bytes, the manifest says" in out
     assert "stray.bin: unknown file" in out
-    assert "3 problem(s)" in out
+    assert "rank-00001.safetensors: not a readable safetensors file" in out
+    assert "4 problem(s)" in out
 
 
 def test_convert_then_export(tmp_path, capsys):

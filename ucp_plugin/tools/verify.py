@@ -35,9 +35,19 @@ def verify(path: str, hashes: bool = True) -> list[Problem]:
     except FormatError as e:
         return [Problem(path, str(e))]
     problems = _check_files(folder, manifest, hashes)
-    bad_files = {p.where for p in problems}
+    # a missing file is reported once above; a changed one also gets its tensors examined
+    skip = {os.path.join(folder, f.path) for f in manifest.files
+            if not os.path.isfile(os.path.join(folder, f.path))}
+    for rel in sorted({p.file for a in manifest.atoms for p in a.pieces}):
+        full = os.path.join(folder, rel)
+        if full not in skip:
+            try:
+                open_tensors(full)
+            except FormatError as e:
+                problems.append(Problem(full, str(e).split(": ", 1)[1]))
+                skip.add(full)
     for atom in manifest.atoms:
-        problems += _check_atom(folder, atom, bad_files)
+        problems += _check_atom(folder, atom, skip)
     return problems
 
 
