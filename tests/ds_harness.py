@@ -7,13 +7,15 @@ resume that forgets buffers, frozen parameters, optimizer state or the LR schedu
 
 Batches are a pure function of (seed, global step): every layout sees the same global batch, split
 over ranks and micro-batches (``ds_config`` derives micro-batch x accumulation from the DP size), so
-per-step losses of different layouts agree to rounding. ``train`` runs inside a worker started by
+per-step losses of different layouts agree to rounding. Optimizers: DeepSpeed config AdamW or Adam
+(amsgrad), or a client torch AdamW / SGD with momentum (``train(client=...)``). ``train`` runs inside a worker started by
 ``ucp_plugin.launcher.run_workers`` and returns JSON values only.
 """
 from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import math
 import os
 import sys
@@ -114,8 +116,14 @@ def ds_config(stage: int, dtype: str = "fp32", dp: int = 1, *, global_batch: int
     }
     if optimizer == "adamw":  # torch's AdamW: no 80 s FusedAdam build on CPU
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01, "torch_adam": True}}
-    elif optimizer != "client":
-        raise ValueError(f"optimizer must be 'adamw' (config) or 'client' (torch.optim.AdamW), not {optimizer!r}")
+    elif optimizer == "adam":  # torch.optim.Adam with amsgrad: a third state, max_exp_avg_sq
+        cfg["optimizer"] = {"type": "Adam", "params": {"lr": lr, "weight_decay": 0.01, "torch_adam": True,
+                                                       "adam_w_mode": False, "amsgrad": True}}
+    elif optimizer == "client":  # train(client=...) passes a torch optimizer; SGD is "untested" for ZeRO
+        cfg["zero_allow_untested_optimizer"] = True
+    else:
+        raise ValueError(f"optimizer must be 'adamw', 'adam' (config) or 'client' (torch optimizer), "
+                         f"not {optimizer!r}")
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif dtype != "fp32":
@@ -145,15 +153,19 @@ def init_deepspeed():
     return deepspeed
 
 
-def make_engine(config: dict, net: nn.Module, split_groups: bool = False):
-    """``deepspeed.initialize`` on ``net``; without an "optimizer" in ``config`` a torch AdamW client."""
+CLIENTS = {"adamw": lambda groups, lr: torch.optim.AdamW(groups, lr=lr, weight_decay=0.01),
+           "sgd": lambda groups, lr: torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=0.01)}
+
+
+def make_engine(config: dict, net: nn.Module, split_groups: bool = False, client: str = "adamw"):
+    """``deepspeed.initialize`` on ``net``; without an "optimizer" in ``config`` a torch optimizer
+    ``CLIENTS[client]`` built here."""
     deepspeed = init_deepspeed()
-    client = None
+    optimizer = None
     if "optimizer" not in config:
-        groups = param_groups(net, split_groups)
-        client = torch.optim.AdamW(groups, lr=config["scheduler"]["params"]["warmup_max_lr"], weight_decay=0.01)
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=client, config=copy.deepcopy(config),
-                                           model_parameters=param_groups(net, split_groups) if client is None else None)
+        optimizer = CLIENTS[client](param_groups(net, split_groups), config["scheduler"]["params"]["warmup_max_lr"])
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=copy.deepcopy(config),
+                                           model_parameters=param_groups(net, split_groups) if optimizer is None else None)
     return engine
 
 
@@ -186,29 +198,48 @@ def weights_digest(engine) -> float:
     return total + sum(b.double().sum().item() for _, b in engine.module.named_buffers() if b.dtype.is_floating_point)
 
 
+class _LoadReports(logging.Handler):
+    """Collects the byte counts ``ucp_plugin.deepspeed.load`` logs after each load."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.reports = []
+
+    def emit(self, record):
+        if hasattr(record, "ucp_load"):
+            self.reports.append(dict(record.ucp_load))
+
+
 def train(config: dict, steps: int = 5, seed: int = 0, init_seed: int = 0, save_dir: str | None = None,
           load_dir: str | None = None, tag: str | None = None, split_groups: bool = False,
           model: dict | None = None, imports: list[str] | None = None, load_kwargs: dict | None = None,
-          save_at: int | None = None) -> dict:
+          save_at: int | None = None, client: str = "adamw") -> dict:
     """Worker: build, optionally load, train ``steps``, optionally save after ``save_at`` steps
-    (default: at the end). ``imports`` are imported first (e.g. ``["ucp_plugin.deepspeed"]``)."""
+    (default: at the end; 0: right after loading). ``imports`` are imported first (e.g.
+    ``["ucp_plugin.deepspeed"]``); ``client`` picks the torch optimizer when the config has none."""
     for name in imports or []:
         importlib.import_module(name)
-    engine = make_engine(config, build_model(init_seed, **(model or {})), split_groups)
-    client = {}
-    if load_dir:
-        path, client = engine.load_checkpoint(load_dir, tag=tag, **(load_kwargs or {}))
-        if path is None:
-            raise RuntimeError(f"no checkpoint loaded from {load_dir} (tag {tag})")
-    start, digest = engine.global_steps, weights_digest(engine)
-    save_at = steps if save_at is None else save_at
-    losses = run_steps(engine, save_at, seed, model)
-    if save_dir:
-        engine.save_checkpoint(save_dir, tag=tag, client_state={"harness_seed": seed, "losses": losses})
-    losses += run_steps(engine, steps - save_at, seed, model)
-    engine.destroy()
+    engine = make_engine(config, build_model(init_seed, **(model or {})), split_groups, client)
+    reports, logger = _LoadReports(), logging.getLogger("ucp_plugin.deepspeed.load")
+    logger.addHandler(reports)
+    logger.setLevel(logging.INFO)
+    try:
+        client_state = {}
+        if load_dir:
+            path, client_state = engine.load_checkpoint(load_dir, tag=tag, **(load_kwargs or {}))
+            if path is None:
+                raise RuntimeError(f"no checkpoint loaded from {load_dir} (tag {tag})")
+        start, digest = engine.global_steps, weights_digest(engine)
+        save_at = steps if save_at is None else save_at
+        losses = run_steps(engine, save_at, seed, model)
+        if save_dir:
+            engine.save_checkpoint(save_dir, tag=tag, client_state={"harness_seed": seed, "losses": losses})
+        losses += run_steps(engine, steps - save_at, seed, model)
+    finally:
+        logger.removeHandler(reports)
+        engine.destroy()
     return {"rank": int(os.environ.get("RANK", 0)), "start_step": start, "losses": losses,
-            "digest_after_load": digest, "client_state": _jsonable(client)}
+            "digest_after_load": digest, "client_state": _jsonable(client_state), "load_reports": reports.reports}
 
 
 def _jsonable(client: dict) -> dict:

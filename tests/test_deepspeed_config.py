@@ -28,18 +28,40 @@ def test_read_config_switch_and_mistakes():
 
 
 def _fake_engine(**over):
-    base = dict(fp16_enabled=lambda: False, zero_offload_optimizer=lambda: None, zero_offload_param=lambda: None,
-                zero_optimization_stage=lambda: 2, zero_hpz_partition_size=lambda: 1, mp_world_size=1,
+    base = dict(fp16_enabled=lambda: False, bfloat16_enabled=lambda: False, zero_offload_optimizer=lambda: None,
+                zero_offload_param=lambda: None, zero_optimization_stage=lambda: 2,
+                zero_hpz_partition_size=lambda: 1, autotp_size=lambda: 1, mp_world_size=1,
                 has_moe_layers=False, _config=types.SimpleNamespace(mics_shard_size=-1))
     return types.SimpleNamespace(**{**base, **over})
 
 
 def test_check_engine_names_the_unsupported_setting():
+    from deepspeed.runtime.zero.offload_config import (DeepSpeedZeroOffloadOptimizerConfig,
+                                                       DeepSpeedZeroOffloadParamConfig)
+
     cfg.check_engine(_fake_engine())
-    with pytest.raises(UnsupportedError, match="fp16"):
-        cfg.check_engine(_fake_engine(fp16_enabled=lambda: True))
-    with pytest.raises(UnsupportedError, match="offload"):
-        cfg.check_engine(_fake_engine(zero_offload_optimizer=lambda: object()))
+    cfg.check_engine(_fake_engine(zero_offload_optimizer=lambda: DeepSpeedZeroOffloadOptimizerConfig(device="none")))
+    cases = [
+        (dict(fp16_enabled=lambda: True), '"fp16": {"enabled": true}'),
+        (dict(bfloat16_enabled=lambda: True, zero_optimization_stage=lambda: 0), '"bf16" with ZeRO stage 0'),
+        (dict(zero_offload_optimizer=lambda: DeepSpeedZeroOffloadOptimizerConfig(device="cpu")),
+         '"zero_optimization.offload_optimizer": {"device": "cpu"}'),
+        (dict(zero_offload_param=lambda: DeepSpeedZeroOffloadParamConfig(device="nvme", nvme_path="/x")),
+         '"zero_optimization.offload_param": {"device": "nvme"}'),
+        (dict(mp_world_size=2), "model parallelism (mp size 2)"),
+        (dict(autotp_size=lambda: 2), '"autotp_size": 2'),
+        (dict(has_moe_layers=True), "MoE"),
+        (dict(zero_optimization_stage=lambda: 3, zero_hpz_partition_size=lambda: 2), "hpZ"),
+        (dict(_config=types.SimpleNamespace(mics_shard_size=2)), "MiCS"),
+    ]
+    for over, text in cases:
+        with pytest.raises(UnsupportedError, match="does not support") as info:
+            cfg.check_engine(_fake_engine(**over))
+        assert text in str(info.value) and 'remove "universal"' in str(info.value), (text, str(info.value))
+    early = _fake_engine(pipeline_parallelism=True, mpu=types.SimpleNamespace(get_model_parallel_world_size=lambda: 4))
+    del early.mp_world_size  # as inside DeepSpeedEngine.__init__, before _configure_distributed_model
+    assert cfg.unsupported_settings(early) == ["pipeline parallelism (PipelineModule)",
+                                               "model parallelism (mp size 4); use the Megatron adapter"]
 
 
 def test_patches_are_idempotent_and_route_on_the_flag():
@@ -70,15 +92,46 @@ def test_patches_are_idempotent_and_route_on_the_flag():
     assert not save_patch.uninstall(Engine)
 
 
+def test_sanity_check_patch_runs_the_check_first_only_when_enabled():
+    from patches import deepspeed_engine_do_sanity_check as check_patch
+
+    calls = []
+
+    class Engine:
+        def _do_sanity_check(self):
+            calls.append("deepspeed")
+
+    def check(e):
+        calls.append("ucp")
+        if e.bad:
+            raise UnsupportedError("bad setting")
+
+    assert check_patch.install(Engine, lambda e: e.on, check)
+    assert not check_patch.install(Engine, lambda e: e.on, check)
+    e = Engine()
+    e.on, e.bad = False, True
+    e._do_sanity_check()
+    e.on, e.bad = True, False
+    e._do_sanity_check()
+    assert calls == ["deepspeed", "ucp", "deepspeed"]
+    e.bad = True
+    with pytest.raises(UnsupportedError, match="bad setting"):
+        e._do_sanity_check()
+    assert check_patch.uninstall(Engine) and not check_patch.uninstall(Engine)
+    e._do_sanity_check()
+    assert calls[-1] == "deepspeed" and calls.count("ucp") == 2
+
+
 def test_enable_twice_wraps_once():
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     enable()
     enable()
-    original = DeepSpeedEngine.save_checkpoint.__ucp_original__
-    assert not hasattr(original, "__ucp_original__")
+    methods = ("save_checkpoint", "load_checkpoint", "_do_sanity_check")
+    originals = {m: getattr(DeepSpeedEngine, m).__ucp_original__ for m in methods}
+    assert not any(hasattr(o, "__ucp_original__") for o in originals.values())
     disable()
-    assert DeepSpeedEngine.save_checkpoint is original
+    assert all(getattr(DeepSpeedEngine, m) is o for m, o in originals.items())
     enable()
 
 
@@ -104,3 +157,29 @@ def test_open_source_refuses_uncommitted_or_missing(tmp_path):
     (staging / "shards").mkdir(parents=True)
     with pytest.raises(FormatError, match="not a committed"):
         open_source(str(tmp_path / "run"), tag="global_step3")
+
+
+def _native_stage0(folder, state: dict):
+    """A minimal stage-0 DeepSpeed checkpoint: model states with the torch optimizer's state dict."""
+    module = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4), "buf": torch.zeros(())}
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"module": module, "buffer_names": ["buf"], "param_shapes": None, "dp_world_size": 1,
+                "mp_world_size": 1, "ds_config": {"zero_optimization": {"stage": 0}}, "global_steps": 2,
+                "optimizer": {"state": state, "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0, 1]}]}},
+               os.path.join(folder, "mp_rank_00_model_states.pt"))
+
+
+def test_native_stage0_states_are_named_by_the_optimizer(tmp_path):
+    from ucp_plugin.deepspeed.native import NativeSource
+
+    _native_stage0(tmp_path / "ok", {0: {"momentum_buffer": torch.full((2, 3), 2.0)},
+                                     1: {"momentum_buffer": torch.full((4,), 3.0)}})
+    src = NativeSource(str(tmp_path / "ok"))
+    assert src.atoms["a"].states == {"fp32": "float32", "momentum_buffer": "float32"}
+    assert src.atoms["a"].scalars == {} and src.atoms["buf"].kind == "buffer"
+    assert torch.equal(src.read("b", "momentum_buffer", 1, 3, torch.float32), torch.full((2,), 3.0))
+    assert torch.equal(src.read("a", "fp32", 2, 5, torch.float32), torch.tensor([2.0, 3.0, 4.0]))
+    _native_stage0(tmp_path / "swapped", {0: {"momentum_buffer": torch.ones(4)},
+                                          1: {"momentum_buffer": torch.ones(2, 3)}})
+    with pytest.raises(UnsupportedError, match="model order"):
+        NativeSource(str(tmp_path / "swapped"))

@@ -1,15 +1,18 @@
-"""Universal checkpoints across DeepSpeed layouts, on real engines (gloo, CPU).
+"""Universal checkpoints across DeepSpeed layouts and optimizers, on real engines (gloo, CPU).
 
 Sources train 8 steps uninterrupted and save after step 3 (the 8-step losses are the reference);
 targets load that checkpoint on another layout with a *different* init seed, so every weight, the
-frozen parameter and the buffer must come from the checkpoint, then train 5 steps. fp32 targets must
-reproduce the reference losses within 1e-5 relative and the checkpoint's weights exactly (digest).
+frozen parameter and the buffer must come from the checkpoint, re-save at once (before any step) and
+train 5 steps. fp32 targets must reproduce the reference losses within 1e-5 relative, the
+checkpoint's weights exactly (digest), and their re-save must hold the source's fp32 master and
+optimizer states bit for bit. The bad-input runs share the DP2 target launch.
 Launches are batched per world size: 2 source launches, 4 target launches.
 """
 from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -20,32 +23,55 @@ from ucp_plugin.launcher import run_workers
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 U = ["ucp_plugin.deepspeed"]
-STEPS, SAVE_AT, TOL = 8, 3, 1e-5
+STEPS, SAVE_AT, TOL, BF16_TOL = 8, 3, 1e-5, 1e-3
+SGD = dict(client="sgd", split_groups=True)  # torch SGD, momentum 0.9, two param groups
+CLIENT_ADAMW = dict(client="adamw")
 
-SOURCES = {  # name: (world size, config)
-    "z2_dp4": (4, C(2, "fp32", 4, universal=True)),
-    "z3_dp4": (4, C(3, "fp32", 4, universal=True)),
-    "z1_dp2": (2, C(1, "fp32", 2, universal=True)),
-    "bf16_dp2": (2, C(1, "bf16", 2, grad_accum_dtype="fp32", universal=True)),  # BF16_Optimizer
-    "native_dp2": (2, C(2, "fp32", 2)),  # plain DeepSpeed checkpoint (plugin imported but not enabled)
+SOURCES = {  # name: (world size, config, other train() arguments)
+    "z2_dp4": (4, C(2, "fp32", 4, universal=True), {}),
+    "z3_dp4": (4, C(3, "fp32", 4, universal=True), {}),
+    "native_z3_dp4": (4, C(3, "fp32", 4), {}),  # plain DeepSpeed checkpoint (plugin imported, not enabled)
+    "z1_dp2": (2, C(1, "fp32", 2, universal=True), {}),
+    "bf16_dp2": (2, C(1, "bf16", 2, grad_accum_dtype="fp32", universal=True), {}),  # BF16_Optimizer
+    "native_dp2": (2, C(2, "fp32", 2), {}),
+    "native_bf16_z2_dp2": (2, C(2, "bf16", 2), {}),  # DeepSpeedZeroOptimizer in bf16
+    "native_bf16_z1_dp2": (2, C(1, "bf16", 2, grad_accum_dtype="fp32"), {}),  # BF16_Optimizer
+    "sgd_z2_dp2": (2, C(2, "fp32", 2, optimizer="client", lr=0.05, universal=True), SGD),
+    "client_adamw_z1_dp2": (2, C(1, "fp32", 2, optimizer="client", universal=True), CLIENT_ADAMW),
+    "adam_z3_dp2": (2, C(3, "fp32", 2, optimizer="adam", universal=True), {}),  # Adam, amsgrad
 }
-TRANSITIONS = {  # name: (source, target world size, target config)
+TRANSITIONS = {  # name: (source, target world size, target config); other arguments as the source's
     "zero1_dp2_to_dp4": ("z1_dp2", 4, C(1, "fp32", 4, universal=True)),
     "native_zero2_dp2_to_plugin_dp4": ("native_dp2", 4, C(2, "fp32", 4, universal=True)),
     "zero2_dp4_to_dp2": ("z2_dp4", 2, C(2, "fp32", 2, universal=True)),
     "zero2_dp4_to_zero3_dp2": ("z2_dp4", 2, C(3, "fp32", 2, universal=True)),
     "zero3_dp4_to_zero1_dp2": ("z3_dp4", 2, C(1, "fp32", 2, universal=True)),
+    "native_zero3_dp4_to_plugin_zero3_dp2": ("native_z3_dp4", 2, C(3, "fp32", 2, universal=True)),
     "bf16_zero1_dp2_to_fp32_zero2_dp2": ("bf16_dp2", 2, C(2, "fp32", 2, universal=True)),
+    "native_bf16_zero2_dp2_to_plugin_bf16_zero2_dp3": ("native_bf16_z2_dp2", 3,
+                                                       C(2, "bf16", 3, universal=True)),
+    "native_bf16_zero1_dp2_to_plugin_bf16_zero1_dp1": ("native_bf16_z1_dp2", 1,
+                                                       C(1, "bf16", 1, grad_accum_dtype="fp32", universal=True)),
+    "sgd_zero2_dp2_to_dp3": ("sgd_z2_dp2", 3, C(2, "fp32", 3, optimizer="client", lr=0.05, universal=True)),
+    "client_adamw_zero1_dp2_to_zero3_dp3": ("client_adamw_z1_dp2", 3,
+                                            C(3, "fp32", 3, optimizer="client", universal=True)),
+    "adam_zero3_dp2_to_zero1_dp1": ("adam_z3_dp2", 1, C(1, "fp32", 1, optimizer="adam", universal=True)),
     "zero2_dp4_to_dp3": ("z2_dp4", 3, C(2, "fp32", 3, universal=True)),
     "zero3_dp4_to_dp1": ("z3_dp4", 1, C(3, "fp32", 1, universal=True)),
     "zero3_dp4_to_stage0_dp1": ("z3_dp4", 1, C(0, "fp32", 1, universal=True)),
 }
 
 
-def _launch(world: int, runs: list[dict], log_dir) -> list[dict]:
+def _launch(world: int, runs: list[dict], log_dir) -> list[list[dict]]:
+    """Per run, every rank's result."""
     env = {"PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    return run_workers(world, "tests.ds_harness:train_many", {"runs": runs}, timeout=900, env=env,
-                       log_dir=str(log_dir))[0]
+    ranks = run_workers(world, "tests.ds_harness:train_many", {"runs": runs}, timeout=900, env=env,
+                        log_dir=str(log_dir))
+    return [list(per_run) for per_run in zip(*ranks)]
+
+
+def _rank0(results: list[dict]) -> dict:
+    return {**results[0], "load_reports": [r["load_reports"] for r in results]}
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +79,32 @@ def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     out = {}
     for world in (4, 2):
-        names = [n for n, (w, _) in SOURCES.items() if w == world]
-        runs = [dict(config=SOURCES[n][1], steps=STEPS, save_at=SAVE_AT, save_dir=str(root / n), imports=U)
-                for n in names]
-        out.update({n: {"dir": str(root / n), **r} for n, r in zip(names, _launch(world, runs, root / f"log{world}"))})
+        names = [n for n, (w, _, _) in SOURCES.items() if w == world]
+        runs = [dict(config=SOURCES[n][1], steps=STEPS, save_at=SAVE_AT, save_dir=str(root / n), imports=U,
+                     **SOURCES[n][2]) for n in names]
+        results = _launch(world, runs, root / f"log{world}")
+        out.update({n: {"dir": str(root / n), **_rank0(r)} for n, r in zip(names, results)})
     return out
+
+
+def _error_runs(sources, root) -> dict[str, dict]:
+    """Bad inputs, run in the DP2 target launch: each must fail on every rank with the message tested."""
+    incomplete = root / "incomplete"
+    shutil.copytree(sources["z1_dp2"]["dir"], incomplete)
+    os.remove(incomplete / "global_step3" / "ucp.json")  # as if the save died before its commit
+    z1 = dict(config=C(1, "fp32", 2, universal=True), steps=1, imports=U, expect_error=True)
+    return {
+        "init_offload_optimizer_cpu": dict(z1, config=C(2, "fp32", 2, universal=True,
+                                                        offload_optimizer={"device": "cpu"}), steps=0),
+        "init_offload_param_nvme": dict(z1, config=C(3, "fp32", 2, universal=True, offload_param={
+            "device": "nvme", "nvme_path": str(root / "nvme")}), steps=0),
+        "missing_parameter": dict(z1, load_dir=sources["z1_dp2"]["dir"], model={"layers": 3}),
+        "extra_parameter": dict(z1, load_dir=sources["z1_dp2"]["dir"], model={"layers": 1}),
+        "other_shape": dict(z1, load_dir=sources["z1_dp2"]["dir"], model={"hidden": 47}),
+        "no_commit_marker": dict(z1, load_dir=str(incomplete)),
+        "other_optimizer": dict(z1, load_dir=sources["sgd_z2_dp2"]["dir"], split_groups=True),
+        "empty_folder": dict(z1, load_dir=str(root / "empty")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +112,27 @@ def targets(sources, tmp_path_factory):
     root, out = tmp_path_factory.mktemp("targets"), {}
     for world in (4, 2, 3, 1):
         names = [n for n, (_, w, _) in TRANSITIONS.items() if w == world]
-        runs = [dict(config=TRANSITIONS[n][2], steps=STEPS - SAVE_AT, init_seed=1, imports=U,
-                     load_dir=sources[TRANSITIONS[n][0]]["dir"]) for n in names]
-        out.update(zip(names, _launch(world, runs, root / f"log{world}")))
+        runs = [dict(config=TRANSITIONS[n][2], steps=STEPS - SAVE_AT, init_seed=1, imports=U, save_at=0,
+                     load_dir=sources[TRANSITIONS[n][0]]["dir"], save_dir=str(root / "resave" / n),
+                     **SOURCES[TRANSITIONS[n][0]][2]) for n in names]
+        errors = _error_runs(sources, root) if world == 2 else {}
+        results = _launch(world, runs + list(errors.values()), root / f"log{world}")
+        out.update({n: {"resave": str(root / "resave" / n), **_rank0(r)} for n, r in zip(names, results)})
+        out.update({f"error:{n}": r[0] for n, r in zip(errors, results[len(runs):])})
     return out
 
 
-def checkpoint_digest(path: str) -> float:
-    """Sum of every fp32 master weight, frozen parameter and buffer stored in a checkpoint."""
+def checkpoint_digest(path: str, dtype: torch.dtype = torch.float32) -> float:
+    """Sum of every master weight (rounded to the model's ``dtype``), frozen parameter and buffer
+    stored in a checkpoint: what ``weights_digest`` of a model holding them returns."""
     from ucp_plugin.deepspeed.sources import open_source
 
     src = open_source(path)
     total = 0.0
     for name, meta in src.atoms.items():
         state = "fp32" if meta.kind == "param" else "param"
-        total += src.read(name, state, 0, math.prod(meta.shape), torch.float64).sum().item()
+        weights = src.read(name, state, 0, math.prod(meta.shape), torch.float32)
+        total += (weights.to(dtype) if meta.kind == "param" else weights).double().sum().item()
     return total
 
 
@@ -94,16 +147,80 @@ def test_transition_resumes_exactly(name, sources, targets):
     reference = source["losses"][SAVE_AT:]
     assert result["start_step"] == SAVE_AT
     assert result["client_state"]["losses"] == source["losses"][:SAVE_AT]
-    assert rel(result["digest_after_load"], checkpoint_digest(source["dir"])) < 1e-9
+    dtype = torch.bfloat16 if TRANSITIONS[name][2].get("bf16", {}).get("enabled") else torch.float32
+    assert rel(result["digest_after_load"], checkpoint_digest(source["dir"], dtype)) < 1e-9
     worst = max(rel(a, b) for a, b in zip(result["losses"], reference))
-    tol = 1e-3 if name.startswith("bf16") else TOL  # a bf16 run is only a rounding-level reference
+    tol = BF16_TOL if "bf16" in name else TOL  # a bf16 run is only a rounding-level reference
     assert len(result["losses"]) == STEPS - SAVE_AT and worst < tol, (result["losses"], reference)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("name", list(TRANSITIONS))
+def test_resave_holds_the_same_state_bitwise(name, sources, targets):
+    """The target re-saved right after loading: per parameter, the fp32 master and every optimizer
+    state (names from the source, e.g. momentum_buffer, max_exp_avg_sq) and ``step`` are the saved ones."""
+    from ucp_plugin.deepspeed.sources import open_source
+    from ucp_plugin.storage import Checkpoint
+
+    src, again = open_source(sources[TRANSITIONS[name][0]]["dir"]), Checkpoint.open(targets[name]["resave"])
+    atoms = {a.name: a for a in again.manifest.atoms}
+    assert set(atoms) == set(src.atoms)
+    for atom_name, meta in src.atoms.items():
+        assert set(atoms[atom_name].states) == set(meta.states), atom_name
+        assert dict(atoms[atom_name].scalars) == meta.scalars, atom_name
+        for state, dtype in meta.states.items():
+            saved = src.read(atom_name, state, 0, math.prod(meta.shape), getattr(torch, dtype))
+            loaded = again.read_atom(atom_name, state).reshape(-1)
+            if loaded.dtype == saved.dtype:
+                assert torch.equal(_bits(loaded), _bits(saved)), (atom_name, state)
+            else:  # e.g. a bf16 frozen parameter held in fp32 by an fp32 target: same values
+                assert torch.equal(loaded.double(), saved.double()), (atom_name, state)
+
+
+def test_optimizer_states_come_from_the_optimizer(sources):
+    from ucp_plugin.storage import Checkpoint
+
+    def states(name):
+        atoms = Checkpoint.open(sources[name]["dir"]).manifest.atoms
+        return {k for a in atoms if a.kind == "param" for k in a.states}, \
+            {k for a in atoms if a.kind == "param" for k in a.scalars}
+
+    assert states("sgd_z2_dp2") == ({"fp32", "momentum_buffer"}, set())
+    assert states("adam_z3_dp2") == ({"fp32", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}, {"step"})
+    assert states("client_adamw_z1_dp2") == ({"fp32", "exp_avg", "exp_avg_sq"}, {"step"})
+
+
+def _needed_bytes(path: str) -> tuple[int, int]:
+    """(bytes of every trainable atom state, bytes of frozen parameters and buffers) in a checkpoint."""
+    from ucp_plugin.storage import Checkpoint
+
+    trainable = other = 0
+    for a in Checkpoint.open(path).manifest.atoms:
+        size = math.prod(a.shape) * sum(torch.empty(0, dtype=getattr(torch, d)).element_size()
+                                        for d in a.states.values())
+        trainable, other = (trainable + size, other) if a.kind == "param" else (trainable, other + size)
+    return trainable, other
+
+
+@pytest.mark.parametrize("name,dp,slack", [("zero2_dp4_to_dp2", 2, 1.10), ("zero2_dp4_to_dp3", 3, 1.25)])
+def test_load_reads_only_what_the_rank_needs(name, dp, slack, sources, targets):
+    """ZeRO-1/2 rank r needs its 1/dp of every trainable state, and all frozen params and buffers."""
+    trainable, other = _needed_bytes(sources["z2_dp4"]["dir"])
+    reports = [r[0] for r in targets[name]["load_reports"]]
+    assert [r["rank"] for r in reports] == list(range(dp))
+    assert sum(r["requested"] for r in reports) == trainable + dp * other  # no element asked twice
+    for r in reports:
+        assert r["requested"] <= (trainable / dp) * 1.02 + other, r
+        assert r["requested"] <= r["fetched"] <= slack * r["requested"], r
+
+
 def test_sources_agree_with_each_other(sources):
-    """Every fp32 layout computes the same uninterrupted losses (so any of them is the reference)."""
-    fp32 = [s["losses"] for n, s in sources.items() if not n.startswith("bf16")]
-    assert all(max(rel(a, b) for a, b in zip(run, fp32[0])) < TOL for run in fp32)
+    """Every fp32 layout and the AdamW config/client pair compute the same uninterrupted losses."""
+    fp32 = [s["losses"] for n, s in sources.items() if "bf16" not in n and n.split("_")[0] not in ("sgd", "adam")]
+    assert len(fp32) == 6 and all(max(rel(a, b) for a, b in zip(run, fp32[0])) < TOL for run in fp32)
 
 
 def test_native_files_need_the_safe_loader(sources):
@@ -117,13 +234,25 @@ def test_native_files_need_the_safe_loader(sources):
     assert not os.path.exists(os.path.join(folder, "ucp.json"))  # the plugin left plain DeepSpeed alone
 
 
-def test_errors_name_the_problem(sources, tmp_path):
-    """A model of another shape is refused naming the parameter; a folder with no checkpoint and no
-    tag loads nothing, as DeepSpeed does (``(None, None)``)."""
-    runs = [dict(config=C(2, "fp32", 1, universal=True), steps=1, load_dir=sources["z2_dp4"]["dir"],
-                 model={"hidden": 47}, imports=U, expect_error=True),
-            dict(config=C(2, "fp32", 1, universal=True), steps=1, load_dir=str(tmp_path / "empty"),
-                 imports=U, expect_error=True)]
-    mismatch, empty = (r["error"] for r in _launch(1, runs, tmp_path / "log"))
-    assert mismatch.startswith("StateMismatchError") and "blocks.0.fc.weight" in mismatch, mismatch
-    assert "no checkpoint loaded" in empty, empty
+ERRORS = {  # run: (exception type, texts the message must contain)
+    "init_offload_optimizer_cpu": ("UnsupportedError", ['"zero_optimization.offload_optimizer"', '"cpu"']),
+    "init_offload_param_nvme": ("UnsupportedError", ['"zero_optimization.offload_param"', '"nvme"']),
+    "missing_parameter": ("StateMismatchError", ["checkpoint lacks", "'blocks.2.", "z1_dp2"]),
+    "extra_parameter": ("StateMismatchError", ["the model lacks", "'blocks.1.", "load_module_strict=False"]),
+    "other_shape": ("StateMismatchError", ["'blocks.0.fc.weight' has shape (45, 18) in the checkpoint but "
+                                           "(47, 18) in the model"]),
+    "no_commit_marker": ("FormatError", ["incomplete/global_step3: no ucp.json", "not a committed"]),
+    "other_optimizer": ("StateMismatchError", ["saved by SGD", "AdamW", "load_optimizer_states=False"]),
+    "empty_folder": ("RuntimeError", ["no checkpoint loaded"]),
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_bad_input_is_refused_naming_the_problem(name, targets):
+    """Unsupported settings stop ``deepspeed.initialize`` (these runs train 0 steps and never save or
+    load); mismatched or incomplete checkpoints stop the load on every rank; an empty folder loads
+    nothing, as DeepSpeed does."""
+    kind, texts = ERRORS[name]
+    error = targets[f"error:{name}"]["error"]
+    assert error is not None and error.startswith(kind + ":"), error
+    assert all(t in error for t in texts), error

@@ -1,8 +1,10 @@
 """Universal checkpointing for DeepSpeed: add ``"checkpoint": {"universal": true}`` to the config and
 ``import ucp_plugin.deepspeed``; ``engine.save_checkpoint`` / ``engine.load_checkpoint`` keep their API.
 
-Importing calls ``enable()``, which wraps the two engine methods (``patches/deepspeed_engine_*.py``);
-engines without the config key keep DeepSpeed's behaviour. ``load_checkpoint`` also reads native
+Importing calls ``enable()``, which wraps three engine methods (``patches/deepspeed_engine_*.py``):
+``save_checkpoint`` and ``load_checkpoint``, and ``_do_sanity_check`` so that ``deepspeed.initialize``
+already refuses settings the adapter cannot save (``config.check_engine``). Engines without the config
+key keep DeepSpeed's behaviour. ``load_checkpoint`` also reads native
 DeepSpeed checkpoints (``native.py``) onto any layout.
 """
 from __future__ import annotations
@@ -15,27 +17,29 @@ import sys
 from packaging.version import Version
 
 from ..errors import UnsupportedError
-from .config import UniversalConfig, is_enabled, read_config
+from .config import UniversalConfig, check_engine, is_enabled, read_config
 from .load import load_checkpoint
 from .save import save_checkpoint
 
 __all__ = ["enable", "disable", "is_enabled", "read_config", "UniversalConfig", "save_checkpoint",
            "load_checkpoint"]
-_PATCHES = ("deepspeed_engine_save_checkpoint", "deepspeed_engine_load_checkpoint")
+_PATCHES = ("deepspeed_engine_save_checkpoint", "deepspeed_engine_load_checkpoint",
+            "deepspeed_engine_do_sanity_check")
 
 
 def _patch(name: str):
-    """The module ``patches/<name>.py``: importable as ``patches.<name>`` from the repository root,
-    or found beside the ``ucp_plugin`` package (editable installs)."""
-    try:
-        return importlib.import_module(f"patches.{name}")
-    except ImportError:
-        pass
+    """The module ``patches/<name>.py``: installed as ``ucp_plugin._patches.<name>`` (setup.py), or, in a
+    checkout, importable as ``patches.<name>`` from the repository root or found beside ``ucp_plugin/``."""
+    for package in ("ucp_plugin._patches", "patches"):
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ImportError:
+            pass
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                         "patches", f"{name}.py")
     if not os.path.isfile(path):
-        raise UnsupportedError(f"ucp_plugin.deepspeed needs patches/{name}.py (shipped in the repository "
-                               "beside ucp_plugin/); install ucp_plugin from its repository")
+        raise UnsupportedError(f"ucp_plugin.deepspeed needs patches/{name}.py (installed as "
+                               f"ucp_plugin._patches.{name}); reinstall ucp_plugin with its setup.py")
     spec = importlib.util.spec_from_file_location(f"_ucp_patches_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -48,13 +52,14 @@ def enable() -> None:
     import deepspeed
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    save_patch, load_patch = (_patch(n) for n in _PATCHES)
+    save_patch, load_patch, check_patch = (_patch(n) for n in _PATCHES)
     low, high = save_patch.SUPPORTED
     if not Version(low) <= Version(deepspeed.__version__) < Version(high):
         raise UnsupportedError(f"DeepSpeed {deepspeed.__version__} is outside the versions ucp_plugin "
                                f"patches ([{low}, {high})); install a supported DeepSpeed")
     save_patch.install(DeepSpeedEngine, is_enabled, save_checkpoint)
     load_patch.install(DeepSpeedEngine, is_enabled, load_checkpoint)
+    check_patch.install(DeepSpeedEngine, is_enabled, check_engine)
 
 
 def disable() -> None:

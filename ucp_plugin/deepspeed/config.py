@@ -3,7 +3,9 @@
 DeepSpeed reads its ``checkpoint`` section as a plain dict and ignores unknown keys
 (runtime/config.py:545-553), so our key passes its validation untouched and a misspelling would pass
 silently too: ``read_config`` catches near-misses and wrong types, ``check_engine`` refuses engine
-features whose state the adapter does not (yet) map, naming the setting to change.
+features whose state the adapter does not (yet) map, naming the setting to change. ``check_engine``
+runs inside ``deepspeed.initialize`` (``patches/deepspeed_engine_do_sanity_check.py``) and again at
+save and load.
 """
 from __future__ import annotations
 
@@ -50,22 +52,50 @@ def is_enabled(engine) -> bool:
     return read_config(getattr(engine._config, "_param_dict", None)).enabled
 
 
-def check_engine(engine) -> None:
-    """Raise UnsupportedError for engine features the adapter cannot save or restore exactly."""
-    problems = []
+def _offload(setting, name: str) -> str | None:
+    device = getattr(setting, "device", None)
+    device = getattr(device, "value", device)
+    if setting is None or device in (None, "none"):
+        return None
+    return f'"zero_optimization.{name}": {{"device": "{device}"}} (set "device": "none")'
+
+
+def _model_parallel_size(engine) -> int:
+    if hasattr(engine, "mp_world_size"):
+        return engine.mp_world_size
+    mpu = getattr(engine, "mpu", None)  # during __init__, before DeepSpeed sets mp_world_size
+    return mpu.get_model_parallel_world_size() if mpu is not None else 1
+
+
+def unsupported_settings(engine) -> list[str]:
+    """The engine settings universal checkpointing cannot save exactly. Works from ``__init__``'s
+    sanity check on (config parsed, nothing partitioned); MoE is only known once the model is wrapped."""
+    stage = engine.zero_optimization_stage()
+    problems = [p for p in (_offload(engine.zero_offload_optimizer(), "offload_optimizer"),
+                            _offload(engine.zero_offload_param(), "offload_param")) if p]
     if engine.fp16_enabled():
         problems.append('"fp16": {"enabled": true} (use bf16 or fp32)')
-    if engine.zero_offload_optimizer() is not None or engine.zero_offload_param() is not None:
-        problems.append('"zero_optimization.offload_optimizer"/"offload_param" (turn offload off)')
+    elif stage == 0 and engine.bfloat16_enabled():
+        problems.append('"bf16" with ZeRO stage 0 (use "zero_optimization": {"stage": 1} or higher, or fp32)')
     if getattr(engine, "has_moe_layers", False):
         problems.append("MoE layers (expert-parallel groups)")
-    if type(engine).__name__ == "PipelineEngine":
+    if type(engine).__name__ == "PipelineEngine" or getattr(engine, "pipeline_parallelism", False):
         problems.append("pipeline parallelism (PipelineModule)")
-    if getattr(engine, "mp_world_size", 1) > 1:
-        problems.append(f"model parallelism (mp_world_size={engine.mp_world_size}); use the Megatron adapter")
-    if engine.zero_optimization_stage() == 3 and engine.zero_hpz_partition_size() > 1:
+    if _model_parallel_size(engine) > 1:
+        problems.append(f"model parallelism (mp size {_model_parallel_size(engine)}); use the Megatron adapter")
+    if hasattr(engine, "autotp_size") and engine.autotp_size() > 1:
+        problems.append(f'"tensor_parallel": {{"autotp_size": {engine.autotp_size()}}} (AutoTP)')
+    if stage == 3 and engine.zero_hpz_partition_size() > 1:
         problems.append('"zero_optimization.zero_hpz_partition_size" > 1 (ZeRO++ hpZ)')
     if getattr(engine._config, "mics_shard_size", -1) > 0:
         problems.append('"zero_optimization.mics_shard_size" (MiCS)')
+    return problems
+
+
+def check_engine(engine) -> None:
+    """Raise UnsupportedError naming every engine setting the adapter cannot save or restore exactly.
+    Called by ``deepspeed.initialize`` (patched ``_do_sanity_check``) and again at save and load."""
+    problems = unsupported_settings(engine)
     if problems:
-        raise UnsupportedError('"checkpoint": {"universal": true} does not support ' + "; ".join(problems))
+        raise UnsupportedError('"checkpoint": {"universal": true} does not support ' + "; ".join(problems)
+                               + '; change these settings or remove "universal" from "checkpoint"')

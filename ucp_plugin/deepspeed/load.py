@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 WEIGHT = {"param": "fp32", "frozen": "param", "buffer": "param"}
 
 
+def _some(names: list) -> str:
+    return ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def check_atoms(source, view: EngineView, strict: bool) -> None:
     """Every parameter/buffer of the model is in the checkpoint with the same shape (and, when
     ``strict``, nothing else is)."""
@@ -29,16 +33,19 @@ def check_atoms(source, view: EngineView, strict: bool) -> None:
         + list(view.buffers)
     missing = [n for n in wanted if n not in source.atoms]
     if missing:
-        raise StateMismatchError(f"{source.path}: the model has {len(missing)} tensor(s) the checkpoint "
-                                 f"lacks, e.g. {missing[:5]}; is it the same model?")
+        raise StateMismatchError(f"{source.path}: the model has {len(missing)} tensor(s) the checkpoint lacks: "
+                                 f"{_some(missing)}; load a checkpoint of this model (same configuration)")
     shapes = {**view.shapes, **{n: source.atoms[n].shape for n in view.buffers}}
-    bad = [(n, source.atoms[n].shape, shapes[n]) for n in wanted if tuple(source.atoms[n].shape) != tuple(shapes[n])]
+    bad = [n for n in wanted if tuple(source.atoms[n].shape) != tuple(shapes[n])]
     if bad:
-        raise StateMismatchError(f"{source.path}: shape mismatch (name, checkpoint, model): {bad[:5]}")
+        n = bad[0]
+        raise StateMismatchError(f"{source.path}: {n!r} has shape {tuple(source.atoms[n].shape)} in the checkpoint "
+                                 f"but {tuple(shapes[n])} in the model ({len(bad)} tensor(s) differ: {_some(bad)}); "
+                                 "load a checkpoint of the same model configuration")
     extra = sorted(set(source.atoms) - set(wanted))
     if strict and extra:
-        raise StateMismatchError(f"{source.path}: the checkpoint has {len(extra)} tensor(s) the model lacks, "
-                                 f"e.g. {extra[:5]}; pass load_module_strict=False to ignore them")
+        raise StateMismatchError(f"{source.path}: the checkpoint has {len(extra)} tensor(s) the model lacks: "
+                                 f"{_some(extra)}; pass load_module_strict=False to ignore them")
 
 
 def _read_weight(source, name: str, start: int, stop: int, dtype) -> torch.Tensor:
@@ -163,8 +170,8 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
         return None, None
     view, comm = inspect_engine(engine), Comm()
     source = comm.run(lambda: open_source(load_dir, tag))
-    comm.run(lambda: check_atoms(source, view, load_module_strict))
     with_opt = load_optimizer_states and not load_module_only
+    comm.run(lambda: _check_source(engine, view, source, load_module_strict, with_opt))
     if view.kind == Z.ZERO3:
         engine.optimizer.checkpoint_event_prologue()
     comm.run(lambda: (load_trainable(engine, view, source, with_opt), load_frozen(engine, view, source),
@@ -176,7 +183,25 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
                                                       load_module_only))
     engine.loaded_checkpoint_dp_world_size = getattr(source, "dp", None)
     engine.loaded_checkpoint_mp_world_size = 1
+    _report(source, view)
     return source.path, client
+
+
+def _check_source(engine, view: EngineView, source, strict: bool, with_opt: bool) -> None:
+    check_atoms(source, view, strict)
+    if with_opt:
+        S.check_optimizer(base_optimizer(engine, view.kind), source.common_state(), source.path)
+
+
+def _report(source, view: EngineView) -> None:
+    """Log what this rank fetched (``extra["ucp_load"]`` carries the numbers for tools and tests)."""
+    counts = source.bytes()
+    if counts is None:
+        return
+    requested, fetched = counts
+    log.info("rank %d loaded %s: fetched %d bytes for the %d it needs", view.rank, source.path, fetched,
+             requested, extra={"ucp_load": {"rank": view.rank, "dp": view.dp, "path": source.path,
+                                            "requested": requested, "fetched": fetched}})
 
 
 def _restore_training_state(engine, view, source, with_opt, load_sched, module_only) -> dict:

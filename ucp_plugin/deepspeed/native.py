@@ -163,12 +163,13 @@ class NativeSource:
         return atoms
 
     def _check_stage0_order(self) -> None:
-        """Stage 0 saves the torch optimizer with bare indices: assume model order, and check it."""
+        """Stage 0 saves the torch optimizer with bare indices: assume model order, and check that every
+        per-element state (whatever the optimizer calls it) has its parameter's shape."""
         names = [n for n, _ in self.groups[0]]
-        base = self.model["optimizer"]
+        base, module = self.model["optimizer"], self.model["module"]
         count = sum(len(g["params"]) for g in base["param_groups"])
-        bad = [i for i, e in base["state"].items() if torch.is_tensor(e.get("exp_avg"))
-               and (int(i) >= len(names) or tuple(e["exp_avg"].shape) != tuple(self.model["module"][names[int(i)]].shape))]
+        bad = [i for i, e in base["state"].items() for v in e.values() if torch.is_tensor(v) and v.dim() > 0
+               and (int(i) >= len(names) or tuple(v.shape) != tuple(module[names[int(i)]].shape))]
         if count != len(names) or bad:
             raise UnsupportedError(f"{self.path}: the stage-0 optimizer does not hold the model's parameters in "
                                    "model order, so its states cannot be matched to names")
@@ -230,3 +231,6 @@ class NativeSource:
 
     def rank_state(self, rank: int, world_size: int) -> None:
         return None  # DeepSpeed does not save RNG states
+
+    def bytes(self) -> None:
+        return None  # torch.load maps whole files

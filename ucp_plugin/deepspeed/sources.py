@@ -1,8 +1,9 @@
 """What ``load.py`` reads from: a universal checkpoint or a native DeepSpeed one, behind one interface.
 
 A *source* offers ``path``, ``atoms`` (name -> ``AtomMeta``), ``read(name, state, start, stop, dtype)``
-(flat elements of one atom state), ``common_state()`` (the ``state.py`` schema) and
-``rank_state(rank, world_size)`` (RNG, or None when it cannot apply).
+(flat elements of one atom state), ``common_state()`` (the ``state.py`` schema),
+``rank_state(rank, world_size)`` (RNG, or None when it cannot apply) and ``bytes()`` (bytes requested
+by ``read`` calls at their stored size, bytes fetched from storage; None where not counted).
 """
 from __future__ import annotations
 
@@ -32,10 +33,16 @@ class UcpSource:
         self.atoms = {a.name: AtomMeta(a.name, a.kind, tuple(a.shape), dict(a.states), dict(a.scalars))
                       for a in checkpoint.manifest.atoms}
         self.dp = checkpoint.manifest.layout.dp
+        self.requested = 0
 
     def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        shape = self.atoms[name].shape
-        return self.checkpoint.read_fragment(name, state, Region.whole(shape), start, stop, dtype)
+        meta = self.atoms[name]
+        out = self.checkpoint.read_fragment(name, state, Region.whole(meta.shape), start, stop, dtype)
+        self.requested += (stop - start) * torch.empty(0, dtype=getattr(torch, meta.states[state])).element_size()
+        return out
+
+    def bytes(self) -> tuple[int, int]:
+        return self.requested, self.checkpoint.bytes_read
 
     def common_state(self) -> dict:
         if not self.checkpoint.has_state():

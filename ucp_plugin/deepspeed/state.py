@@ -33,7 +33,18 @@ def optimizer_state(engine, base) -> dict:
     wrapper = {k: getattr(opt, k) for k in ("dynamic_loss_scale", "overflow", "clip_grad")
                if isinstance(getattr(opt, k, None), _SCALER_TYPES) and hasattr(opt, k)}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
-    return {"param_groups": groups, "wrapper": wrapper, "loss_scaler": _scaler_state(opt)}
+    return {"class": type(base).__name__, "param_groups": groups, "wrapper": wrapper,
+            "loss_scaler": _scaler_state(opt)}
+
+
+def check_optimizer(base, state: dict, where: str) -> None:
+    """Refuse optimizer states saved by another optimizer class (an SGD momentum buffer is no Adam
+    state). Native DeepSpeed checkpoints do not record the class."""
+    saved = (state.get("optimizer") or {}).get("class")
+    if saved is not None and saved != type(base).__name__:
+        raise StateMismatchError(f"{where}: optimizer states were saved by {saved}, the engine's optimizer is "
+                                 f"{type(base).__name__}; use the same optimizer, or pass "
+                                 "load_optimizer_states=False to start its states afresh")
 
 
 def common_state(engine, base, client_state: dict, meta: dict) -> dict:
