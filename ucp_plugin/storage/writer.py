@@ -24,7 +24,14 @@ from . import faults
 from .files import atomic_write_text, chunk_digests, fsync_dir, save_tensors, save_tree, sha256_file, \
     write_latest
 
-CHUNK_ELEMS = 1 << 16  # 256 KiB of fp32: the read-verification unit
+CHUNK_ELEMS = 1 << 16  # 256 KiB of fp32: the largest read-verification unit
+MIN_CHUNK_ELEMS = 1 << 10
+
+
+def chunk_size(numel: int) -> int:
+    """Verification chunk for a piece: about an eighth of it, within [1 Ki, 64 Ki] elements, so a
+    reader of part of a small piece does not have to fetch all of it to check what it reads."""
+    return min(CHUNK_ELEMS, max(MIN_CHUNK_ELEMS, -(-numel // 8)))
 SHARDS, INDEX, STATE = "shards", "index", "state"
 
 
@@ -75,9 +82,10 @@ class ShardWriter:
         if key in self._tensors:
             raise FormatError(f"rank {self.rank} wrote {atom!r} state {state!r} twice")
         self._tensors[key] = flat
+        chunk = chunk_size(flat.numel())
         self._pieces.append({"atom": atom, "piece": Piece(
-            state, self.file, key, region, start, start + flat.numel(), replica, CHUNK_ELEMS,
-            chunk_digests(flat, CHUNK_ELEMS))})
+            state, self.file, key, region, start, start + flat.numel(), replica, chunk,
+            chunk_digests(flat, chunk))})
 
     def finish(self) -> None:
         faults.point("before_shard", self.rank)
