@@ -50,21 +50,28 @@ def megatron_parameters(models: dict) -> dict:
     return out
 
 
-def resume_in_place(family: str, model: dict, layout: dict, settings: dict, resume_after: int,
-                    fix: bool) -> dict:
-    """Train, round-trip the optimizer through megatron's own state_dict()/load_state_dict() after
-    ``resume_after`` steps (what a checkpoint resume does to the inner torch AdamW), train on."""
+def step_fix_runs(family: str, model: dict, layout: dict, settings: dict, resume_after: int) -> dict:
+    """megatron's DistributedOptimizer round trip (state_dict() / load_state_dict(), what a resume does
+    to the inner torch AdamW) after ``resume_after`` steps, without then with ``distopt_fixes``, and
+    the uninterrupted run, one after another in this process."""
     import torch.distributed as dist
 
     from ucp_plugin.megatron import cpu_shim, distopt_fixes
+
+    cpu_shim.install()
+    dist.init_process_group("gloo")
+    broken = _resume_in_place(family, model, layout, settings, resume_after)
+    distopt_fixes.install()
+    fixed = _resume_in_place(family, model, layout, settings, resume_after)
+    uninterrupted = _resume_in_place(family, model, layout, settings, None)
+    return {"broken": broken, "fixed": fixed, "uninterrupted": uninterrupted["losses"]}
+
+
+def _resume_in_place(family, model, layout, settings, resume_after) -> dict:
     from ucp_plugin.megatron.harness import TrainSettings, setup, token_batches, train_step
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
 
-    cpu_shim.install()
-    if fix:
-        distopt_fixes.install()
-    dist.init_process_group("gloo")
     cfg, sets = ModelConfig(**model), TrainSettings(**settings)
     run = setup(family, cfg, MegatronLayout(**layout), sets)
     losses, shared = [], 0
@@ -82,55 +89,88 @@ def _count_shared_steps(optimizer) -> int:
     return len(ids) - len(set(ids))
 
 
-def _mg_run(family, model, layout, settings, reference_init):
-    import torch.distributed as dist
+# ----------------------------------------------------------------------------------- plans of runs
 
-    from ucp_plugin.megatron import cpu_shim, distopt_fixes
-    from ucp_plugin.megatron.harness import TrainSettings, setup, token_batches
-    from ucp_plugin.megatron.layout import MegatronLayout
-    from ucp_plugin.models import ModelConfig
+def run_plan(runs: list[dict]) -> dict:
+    """Run ``runs`` one after another in this process (parallel_state is re-initialised for each
+    layout; all layouts have this job's world size). Each run is {"id", "kind": "save" | "load",
+    "args"}. Returns {id: result}; a run that raises gives {"error": "<type>: <message>"} (the errors
+    expected here are raised on every rank alike, so the other runs go on)."""
+    from ucp_plugin.megatron.harness import init_process
 
-    cpu_shim.install()
-    distopt_fixes.install()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    cfg, sets = ModelConfig(**model), TrainSettings(**settings)
-    run = setup(family, cfg, MegatronLayout(**layout), sets, reference_init=reference_init)
-    return run, token_batches(cfg, sets)
+    init_process()
+    out = {}
+    for run in runs:
+        try:
+            out[run["id"]] = RUNNERS[run["kind"]](**run["args"])
+        except Exception as e:  # reported to the test, which asserts on it
+            out[run["id"]] = {"error": f"{type(e).__name__}: {e}"}
+    return out
 
 
-def save_and_continue(family: str, model: dict, layout: dict, settings: dict, root: str, save_after: int,
-                      optimizer: bool = True) -> dict:
-    """Train ``save_after`` steps, save a universal checkpoint, train the remaining steps."""
+def save_run(family: str, model: dict, layout: dict, settings: dict, root: str, save_after: int,
+             optimizer: bool = True) -> dict:
+    """Train from the reference weights, save a universal checkpoint after ``save_after`` steps, train
+    on: the uninterrupted run's losses."""
     import time
 
     from ucp_plugin.megatron.checkpoint import save_universal
-    from ucp_plugin.megatron.harness import train_step
+    from ucp_plugin.megatron.harness import TrainSettings, setup, stage_summary, token_batches, train_step
+    from ucp_plugin.megatron.layout import MegatronLayout
+    from ucp_plugin.models import ModelConfig
 
-    run, tokens = _mg_run(family, model, layout, settings, reference_init=True)
+    cfg, sets = ModelConfig(**model), TrainSettings(**settings)
+    run = setup(family, cfg, MegatronLayout(**layout), sets)
+    tokens = token_batches(cfg, sets)
     losses = [train_step(run, t) for t in tokens[:save_after]]
     start = time.perf_counter()
     path = save_universal(run.model, run.optimizer if optimizer else None, root, f"iter_{save_after:07d}",
-                          save_after, family=family, config=run.cfg, extra_state={"note": "test"})
+                          save_after, family=family, config=cfg, extra_state={"note": "test"})
     seconds = time.perf_counter() - start
     losses += [train_step(run, t) for t in tokens[save_after:]]
-    return {"losses": losses, "path": path, "save_seconds": seconds}
+    return {"losses": losses, "path": path, "save_seconds": seconds, **stage_summary(run)}
 
 
-def load_and_continue(family: str, model: dict, layout: dict, settings: dict, root: str,
-                      optimizer: bool = True) -> dict:
-    """Build the model at ``layout`` with its own (different) initial weights, load the universal
-    checkpoint in ``root`` (latest), train the remaining steps."""
-    import time
+def load_run(family: str, model: dict, layout: dict, settings: dict, root: str,
+             resave_root: str | None = None, optimizer: bool = True) -> dict:
+    """Resume the checkpoint in ``root`` at ``layout`` (the layout is validated against its manifest
+    first; the model starts from its own initial weights), re-save at once to ``resave_root`` before
+    any step, train the remaining steps."""
+    from ucp_plugin.megatron.checkpoint import save_universal
+    from ucp_plugin.megatron.harness import TrainSettings, resume, stage_summary, token_batches, train_step
+    from ucp_plugin.megatron.layout import MegatronLayout
+    from ucp_plugin.models import ModelConfig
 
-    from ucp_plugin.megatron.checkpoint import load_universal
-    from ucp_plugin.megatron.harness import train_step
+    cfg, sets = ModelConfig(**model), TrainSettings(**settings)
+    run, state = resume(family, cfg, MegatronLayout(**layout), sets, root, optimizer=optimizer)
+    it, opt = state["iteration"], run.optimizer if optimizer else None
+    resaved = save_universal(run.model, opt, resave_root, f"iter_{it:07d}", it, state["scheduler_state"],
+                             state["extra_state"], family=family, config=cfg) if resave_root else None
+    losses = [train_step(run, t) for t in token_batches(cfg, sets)[it:]]
+    return {"losses": losses, "iteration": it, "extra": state["extra_state"], "resaved": resaved,
+            **stage_summary(run)}
 
-    run, tokens = _mg_run(family, model, layout, settings, reference_init=False)
-    start = time.perf_counter()
-    state = load_universal(run.model, run.optimizer if optimizer else None, root, family=family,
-                           config=run.cfg)
-    seconds = time.perf_counter() - start
-    losses = [train_step(run, t) for t in tokens[state["iteration"]:]]
-    return {"losses": losses, "iteration": state["iteration"], "extra": state["extra_state"],
-            "load_seconds": seconds}
+
+RUNNERS = {"save": save_run, "load": load_run}
+
+
+def schedule(runs: list[dict]) -> list[tuple[int, list[dict]]]:
+    """Group runs ({"id", "world", "after": id of the run it needs or None, ...}) into launches of
+    one world size each, a run after the one it needs (in an earlier launch, or earlier in the same
+    one). Few launches: each world size in turn takes every run that is ready."""
+    pending, done, launches = list(runs), set(), []
+    while pending:
+        before = len(pending)
+        for world in sorted({r["world"] for r in pending}):
+            batch, ids = [], set()
+            for r in pending:
+                if r["world"] == world and (r["after"] is None or r["after"] in done | ids):
+                    batch.append(r)
+                    ids.add(r["id"])
+            if batch:
+                launches.append((world, batch))
+                done |= ids
+                pending = [r for r in pending if r["id"] not in ids]
+        if len(pending) == before:
+            raise ValueError(f"runs wait for runs that never come: {[r['id'] for r in pending]}")
+    return launches

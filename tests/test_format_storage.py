@@ -3,14 +3,13 @@ fragment reads across layouts, integrity checks, state trees."""
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from ucp_plugin.comm import Comm
 from ucp_plugin.errors import FormatError, StateMismatchError, UnsupportedError
 from ucp_plugin.format import MANIFEST, Atom, Layout, Manifest, Piece, Region, Writer
-from ucp_plugin.language import Fused, Partitioned
+from ucp_plugin.language import Fused
 from ucp_plugin.plan import local_numel, region_for
 from ucp_plugin.session import SaveHeader, save_universal
 from ucp_plugin.storage import AtomInfo, Checkpoint

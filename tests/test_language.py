@@ -41,6 +41,7 @@ def test_layout_checks_name_the_reason_and_valid_choices():
     with pytest.raises(LayoutError, match=r"fused part of size 6 is not divisible by TP=4"):
         SPEC.check_layout(4, 1, 1, {"decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight": (12, 4)})
     SPEC.check_layout(3, 1, 1, {"embedding.word_embeddings.weight": (37, 4)})  # vocab padding: any TP
+    Partitioned(1).check("linear_fc2.weight", (4, 8), 2)  # no groups: only the dim must divide
 
 
 def test_splits_validate_and_round_trip():

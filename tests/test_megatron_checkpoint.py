@@ -1,71 +1,209 @@
-"""Megatron universal checkpoints: save at one layout after 2 steps, load at another into a model with
-different initial weights, train on; the resumed losses equal the uninterrupted run's within 1e-5
-relative (measured: 0 to 5e-8). Also: the manifest's atoms, `ucp verify`, weights-only saves and
-a wrong-model load."""
+"""Megatron universal checkpoints across layouts: the transition matrix.
+
+For each family (GPT, LLaMA, Mixtral) a run saves after 2 steps at a source layout and trains on
+(the uninterrupted run); a model built at the target layout with its own (different) initial weights
+loads it, re-saves at once to a second folder before any step, and trains 5 more steps. Checked:
+the resumed losses equal the uninterrupted ones within 1e-5 relative (measured 0 to ~1e-7), and the
+re-saved checkpoint holds bitwise the same consolidated state (``Checkpoint.read_atom`` of every
+atom and state, scalars, common state). Not compared, because they describe the layout rather than
+the model: the manifest's layout and pieces (which rank wrote which range), the per-rank RNG states
+(one per rank of each layout) and how the optimizer's param groups are split among megatron's
+chained optimizers (with EP > 1 experts get their own optimizer): their hyper-parameters are compared
+as a set.
+
+Cost: every run of one world size goes into one launch (``mg_workers.schedule``/``run_plan``):
+4 launches for all transitions plus the checks below (weights-only, wrong model, bf16, a refused
+layout).
+"""
+import json
 import os
+import time
 
 import pytest
+import torch
 
-from ucp_plugin.launcher import WorkerError, run_workers
+from mg_workers import schedule
+from ucp_plugin.launcher import run_workers
 from ucp_plugin.megatron.layout import MegatronLayout
 from ucp_plugin.storage import Checkpoint
 from ucp_plugin.tools.verify import verify
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5
+SAVE_AFTER, RESUMED = 2, 5
+SETTINGS = dict(steps=SAVE_AFTER + RESUMED, global_batch=4, lr=1e-2)
 SIZES = dict(hidden=32, heads=4, ffn=64, layers=4, vocab=100, divisible_by=32, seq_length=16)
 MODELS = {"gpt": dict(SIZES, tied=True),
           "llama": dict(SIZES, query_groups=2, ffn=48),
           "mixtral": dict(SIZES, query_groups=2, ffn=48, experts=4, moe_ffn=40)}
-SETTINGS = dict(steps=4, global_batch=4, lr=1e-2)
-SAVE_AFTER = 2
+DENSE = [("TP2->TP1", {"tp": 2}, {}),
+         ("TP1->TP2", {}, {"tp": 2}),
+         ("PP2->PP1", {"pp": 2}, {}),
+         ("PP1->PP2-uneven", {}, {"pp": 2, "first_stage_layers": 1}),
+         ("TP2PP2->DP4", {"tp": 2, "pp": 2}, {"dp": 4}),
+         ("SP-on->off", {"tp": 2, "sp": True}, {"tp": 2})]
+# megatron refuses MoE with TP > 1 without sequence parallelism: Mixtral's TP2 is TP2 with SP
+MOE = [("TP2->TP1", {"tp": 2, "sp": True}, {}),
+       ("TP1->TP2", {}, {"tp": 2, "sp": True}),
+       ("PP2->PP1", {"pp": 2}, {}),
+       ("PP1->PP2-uneven", {}, {"pp": 2, "first_stage_layers": 3}),
+       ("TP2PP2->DP4", {"tp": 2, "pp": 2, "sp": True}, {"dp": 4}),
+       ("SP-on->off", {"tp": 2, "sp": True}, {"dp": 2}),
+       ("EP2->EP1", {"dp": 2, "ep": 2}, {"dp": 2}),
+       ("EP1->EP2", {}, {"dp": 2, "ep": 2}),
+       ("EP2DP2->TP2", {"dp": 2, "ep": 2}, {"tp": 2, "sp": True})]
+MATRIX = [("gpt", *t) for t in DENSE] + [("llama", *t) for t in DENSE] + [("mixtral", *t) for t in MOE]
 
 
-@pytest.fixture(autouse=True)
-def _path(monkeypatch):
-    here = os.path.dirname(__file__)
-    monkeypatch.setenv("PYTHONPATH", here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _key(layout: dict) -> str:
+    return MegatronLayout(**layout).describe()
 
 
-def _save(family, layout, root, optimizer=True):
-    kwargs = dict(family=family, model=MODELS[family], layout=layout, settings=SETTINGS, root=str(root),
-                  save_after=SAVE_AFTER, optimizer=optimizer)
-    return run_workers(MegatronLayout(**layout).world_size, "mg_workers:save_and_continue", kwargs,
-                       timeout=600)[0]
+class Plan:
+    """The runs of the campaign, named, each with its world size and the save it loads."""
+
+    def __init__(self, root):
+        self.root, self.runs = root, []
+
+    def save(self, family, layout, model=None, settings=None, optimizer=True, name=None) -> str:
+        rid = name or f"save:{family}:{_key(layout)}"
+        if not any(r["id"] == rid for r in self.runs):
+            args = dict(family=family, model=model or MODELS[family], layout=layout,
+                        settings=settings or SETTINGS, root=str(self.root / rid.replace(":", "_")),
+                        save_after=SAVE_AFTER, optimizer=optimizer)
+            self._add(rid, "save", layout, None, args)
+        return rid
+
+    def load(self, rid, source, layout, family=None, model=None, resave=True):
+        src = next(r for r in self.runs if r["id"] == source)["args"]
+        resave_root = str(self.root / rid.replace(":", "_").replace(">", "")) if resave else None
+        args = dict(family=family or src["family"], model=model or src["model"], layout=layout,
+                    settings=src["settings"], root=src["root"], resave_root=resave_root)
+        self._add(rid, "load", layout, source, args)
+        return rid
+
+    def _add(self, rid, kind, layout, after, args):
+        self.runs.append({"id": rid, "kind": kind, "world": MegatronLayout(**layout).world_size,
+                          "after": after, "args": args})
 
 
-def _load(family, layout, root, optimizer=True, model=None):
-    kwargs = dict(family=family, model=model or MODELS[family], layout=layout, settings=SETTINGS,
-                  root=str(root), optimizer=optimizer)
-    return run_workers(MegatronLayout(**layout).world_size, "mg_workers:load_and_continue", kwargs,
-                       timeout=600)
+def build_plan(root) -> Plan:
+    plan = Plan(root)
+    for family, label, source, target in MATRIX:
+        plan.save(family, source)
+    plan.save("llama", {"tp": 2, "sp": True}, optimizer=False, name="save:llama:weights-only")
+    bf16 = dict(SETTINGS, bf16=True)
+    plan.save("gpt", {"tp": 2}, settings=bf16, name="save:gpt:bf16")
+    for family, label, source, target in MATRIX:
+        plan.load(f"load:{family}:{label}", f"save:{family}:{_key(source)}", target)
+    plan.load("load:llama:weights-only", "save:llama:weights-only", {"pp": 2}, resave=False)
+    plan.load("load:gpt:bf16-same", "save:gpt:bf16", {"tp": 2})
+    plan.load("load:gpt:bf16-other", "save:gpt:bf16", {"dp": 2, "optimizer": "ddp"})
+    gpt_tp1 = f"save:gpt:{_key({})}"
+    plan.load("load:wrong-family", gpt_tp1, {}, family="llama", model=MODELS["llama"], resave=False)
+    plan.load("load:wrong-shape", gpt_tp1, {}, model=dict(MODELS["gpt"], ffn=32), resave=False)
+    plan.load("load:bad-layout:tp4", f"save:llama:{_key({})}", {"tp": 4}, resave=False)
+    plan.load("load:bad-layout:moe-tp2-no-sp", f"save:mixtral:{_key({})}", {"tp": 2}, resave=False)
+    return plan
 
 
-def _rel(a, b):
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    """{run id: [per-rank result]} of every run of the plan."""
+    root = tmp_path_factory.mktemp("mg-campaign")
+    env = {"PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    results = {}
+    for world, batch in schedule(build_plan(root).runs):
+        start = time.perf_counter()
+        per_rank = run_workers(world, "mg_workers:run_plan", {"runs": batch}, timeout=1200, env=env)
+        print(f"launch of {world} rank(s), {len(batch)} runs: {time.perf_counter() - start:.0f} s")
+        for run in batch:
+            results[run["id"]] = [r[run["id"]] for r in per_rank]
+    return results
+
+
+def _ok(results, rid) -> dict:
+    first = results[rid][0]
+    assert "error" not in first, f"{rid}: {first['error']}"
+    assert all(r["losses"] == first["losses"] for r in results[rid]), f"{rid}: ranks disagree on losses"
+    return first
+
+
+def _rel(a, b) -> float:
+    assert len(a) == len(b), (a, b)
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("family,source,target", [
-    ("gpt", {"tp": 2}, {}),
-    ("gpt", {"pp": 2}, {"tp": 2}),
-    ("gpt", {"dp": 2, "optimizer": "ddp"}, {"tp": 2, "pp": 2}),
-    ("llama", {"tp": 2, "sp": True}, {"pp": 2, "first_stage_layers": 1, "optimizer": "ddp"}),
-    ("mixtral", {"dp": 2, "ep": 2}, {"tp": 2, "sp": True}),
-    ("mixtral", {"tp": 2, "sp": True}, {"pp": 2, "dp": 2, "ep": 2}),
-])
-def test_resume_at_another_layout_matches_uninterrupted(tmp_path, family, source, target):
-    saved = _save(family, source, tmp_path)
-    resumed = _load(family, target, tmp_path)
-    assert all(r["losses"] == resumed[0]["losses"] for r in resumed)
-    assert resumed[0]["iteration"] == SAVE_AFTER and resumed[0]["extra"] == {"note": "test"}
-    rel = _rel(resumed[0]["losses"], saved["losses"][SAVE_AFTER:])
-    assert rel < TOL, f"{source} -> {target}: relative loss difference {rel:.2e}"
+def _hyper_set(common: dict) -> set:
+    groups = (common.get("optimizer") or {}).get("param_groups") or []
+    return {json.dumps({k: v for k, v in g.items() if k != "is_expert_parallel"}, sort_keys=True)
+            for inner in groups for g in inner}
 
 
-def test_manifest_atoms_and_verify(tmp_path):
-    saved = _save("gpt", {"tp": 2}, tmp_path)
-    assert verify(saved["path"]) == []
-    m = Checkpoint.open(saved["path"]).manifest
+def assert_same_consolidated_state(saved: str, resaved: str) -> None:
+    a, b = Checkpoint.open(saved), Checkpoint.open(resaved)
+    assert {x.name for x in a.manifest.atoms} == {x.name for x in b.manifest.atoms}
+    assert (a.manifest.family, a.manifest.iteration, a.manifest.model) == \
+        (b.manifest.family, b.manifest.iteration, b.manifest.model)
+    for atom in a.manifest.atoms:
+        other = b.manifest.atom(atom.name)
+        assert (atom.kind, atom.shape, atom.split, atom.states, atom.scalars) == \
+            (other.kind, other.shape, other.split, other.states, other.scalars), atom.name
+        for state in atom.states:
+            assert torch.equal(a.read_atom(atom.name, state), b.read_atom(atom.name, state)), \
+                f"{atom.name} {state} differs after load + re-save"
+    ca, cb = a.load_state(), b.load_state()
+    assert _hyper_set(ca) == _hyper_set(cb)
+    drop = ("optimizer",)
+    assert {k: v for k, v in ca.items() if k not in drop} == {k: v for k, v in cb.items() if k not in drop}
+    assert ca["optimizer"]["grad_scaler"] == cb["optimizer"]["grad_scaler"]
+
+
+@pytest.mark.parametrize("family,label,source,target", MATRIX, ids=[f"{f}-{l}" for f, l, _, _ in MATRIX])
+def test_transition_resumes_exactly(campaign, family, label, source, target):
+    saved = _ok(campaign, f"save:{family}:{_key(source)}")
+    resumed = _ok(campaign, f"load:{family}:{label}")
+    assert resumed["iteration"] == SAVE_AFTER and resumed["extra"] == {"note": "test"}
+    rel = _rel(resumed["losses"], saved["losses"][SAVE_AFTER:])
+    print(f"{family} {label} ({_key(source)} -> {_key(target)}): max relative loss difference {rel:.1e}")
+    assert rel < TOL, f"{family} {label}: relative loss difference {rel:.2e}"
+    assert_same_consolidated_state(saved["path"], resumed["resaved"])
+
+
+def test_every_layout_trains_alike(campaign):
+    """Same reference weights and batches: every source layout's 7 losses match TP1's."""
+    for family in MODELS:
+        ref = _ok(campaign, f"save:{family}:{_key({})}")
+        assert ref["losses"][-1] < ref["losses"][0], f"{family} does not learn: {ref['losses']}"
+        for rid in [r for r in campaign if r.startswith(f"save:{family}:tp")]:
+            assert _rel(_ok(campaign, rid)["losses"], ref["losses"]) < TOL, rid
+
+
+def test_the_bitwise_check_tells_trainings_apart(campaign):
+    """Two trainings at different layouts agree to ~1e-8 but not bitwise (reductions round
+    differently): a load + re-save is bitwise equal because it copies, not by luck."""
+    a = Checkpoint.open(_ok(campaign, f"save:gpt:{_key({})}")["path"])
+    b = Checkpoint.open(_ok(campaign, f"save:gpt:{_key({'tp': 2})}")["path"])
+    pairs = [(atom.name, s) for atom in a.manifest.atoms for s in atom.states]
+    differ = sum(not torch.equal(a.read_atom(n, s), b.read_atom(n, s)) for n, s in pairs)
+    assert differ > len(pairs) // 2, f"only {differ} of {len(pairs)} atom states differ"
+
+
+def test_stages_and_experts_are_where_megatron_puts_them(campaign):
+    layers = lambda rid: [r["layers"] for r in campaign[rid]]  # noqa: E731
+    assert layers(f"save:gpt:{_key({'pp': 2})}") == [[0, 1], [2, 3]]
+    assert layers("load:llama:PP1->PP2-uneven") == [[0], [1, 2, 3]]
+    assert layers("load:mixtral:PP1->PP2-uneven") == [[0, 1, 2], [3]]
+    assert [r["experts"] for r in campaign["load:mixtral:EP1->EP2"]] == [[0, 1], [2, 3]]
+    # a tied output layer is its own parameter on the last stage: one more than at PP1
+    pp2 = campaign[f"save:gpt:{_key({'pp': 2})}"]
+    assert sum(r["num_params"] for r in pp2) == campaign[f"save:gpt:{_key({})}"][0]["num_params"] + 1
+
+
+def test_manifest_atoms_and_verify(campaign):
+    path = _ok(campaign, f"save:gpt:{_key({'tp': 2})}")["path"]
+    assert verify(path) == []
+    m = Checkpoint.open(path).manifest
     atoms = {a.name: a for a in m.atoms}
     assert (m.layout.tp, m.layout.zero_stage, m.family, m.iteration) == (2, 1, "gpt", SAVE_AFTER)
     emb = atoms["embedding.word_embeddings.weight"]
@@ -79,32 +217,34 @@ def test_manifest_atoms_and_verify(tmp_path):
         {((0, 48),), ((48, 96),)}
 
 
-def test_weights_only_checkpoint_resumes_the_forward(tmp_path):
-    saved = _save("llama", {"tp": 2, "sp": True}, tmp_path, optimizer=False)
-    m = Checkpoint.open(saved["path"]).manifest
-    assert all(set(a.states) == {"fp32"} for a in m.atoms)
-    resumed = _load("llama", {"pp": 2}, tmp_path)[0]
+def test_weights_only_checkpoint_resumes_the_forward(campaign):
+    saved = _ok(campaign, "save:llama:weights-only")
+    assert all(set(a.states) == {"fp32"} for a in Checkpoint.open(saved["path"]).manifest.atoms)
+    resumed = _ok(campaign, "load:llama:weights-only")
     # same weights: the first resumed loss matches; the optimizer then starts afresh
     assert _rel(resumed["losses"][:1], saved["losses"][SAVE_AFTER:SAVE_AFTER + 1]) < TOL
 
 
-def test_loading_another_model_names_the_missing_parameters(tmp_path):
-    _save("gpt", {}, tmp_path)
-    with pytest.raises(WorkerError, match="checkpoint lacks"):
-        _load("llama", {}, tmp_path)
-    with pytest.raises(WorkerError, match="shape mismatch"):
-        _load("gpt", {}, tmp_path, model=dict(MODELS["gpt"], ffn=32))
-
-
-def test_bf16_resume_uses_the_fp32_masters(tmp_path):
+def test_bf16_resume_uses_the_fp32_masters(campaign):
     """bf16 parameters, fp32 masters: the same layout resumes bit-exactly; another layout (and the
-    other optimizer kind) within bf16's layout-to-layout rounding."""
-    settings = dict(SETTINGS, bf16=True)
-    kwargs = dict(family="gpt", model=MODELS["gpt"], settings=settings, root=str(tmp_path))
-    saved = run_workers(2, "mg_workers:save_and_continue",
-                        dict(kwargs, layout={"tp": 2}, save_after=SAVE_AFTER), timeout=600)[0]
-    same = run_workers(2, "mg_workers:load_and_continue", dict(kwargs, layout={"tp": 2}), timeout=600)[0]
-    other = run_workers(2, "mg_workers:load_and_continue", dict(kwargs, layout={"dp": 2, "optimizer": "ddp"}),
-                        timeout=600)[0]
+    other optimizer kind) within bf16's layout-to-layout rounding; both re-save the same state."""
+    saved = _ok(campaign, "save:gpt:bf16")
+    same, other = _ok(campaign, "load:gpt:bf16-same"), _ok(campaign, "load:gpt:bf16-other")
     assert same["losses"] == saved["losses"][SAVE_AFTER:]
     assert _rel(other["losses"], saved["losses"][SAVE_AFTER:]) < 1e-4
+    assert_same_consolidated_state(saved["path"], same["resaved"])
+    assert_same_consolidated_state(saved["path"], other["resaved"])
+
+
+def test_loading_another_model_names_the_missing_parameters(campaign):
+    assert "checkpoint lacks" in campaign["load:wrong-family"][0]["error"]
+    assert "shape mismatch" in campaign["load:wrong-shape"][0]["error"]
+
+
+def test_refused_layouts_fail_before_building(campaign):
+    """The harness's resume validates the target layout on the manifest before building anything."""
+    tp4 = campaign["load:bad-layout:tp4"][0]["error"]
+    assert tp4.startswith("LayoutError: ") and "cannot be loaded at TP=4 PP=1 EP=1" in tp4
+    assert "TP=4 does not divide its 2 groups" in tp4 and "TP in [1, 2]" in tp4
+    no_sp = campaign["load:bad-layout:moe-tp2-no-sp"][0]["error"]
+    assert "set sp=True" in no_sp and "TP in [1, 2]" in no_sp

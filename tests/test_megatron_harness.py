@@ -1,17 +1,17 @@
-"""The Megatron harness trains the same model identically at every layout: with the same seed, the
-same reference initial weights and the same global batch, per-step losses of TP2, PP2, DP2, EP2, SP,
-uneven-PP runs agree with the TP1 run within 1e-5 relative (measured: ~1e-8, fp32 rounding)."""
+"""The Megatron training harness: batches, layout rules, the DistributedOptimizer step fix and its two
+launcher entry points. That every layout trains alike (same seed, reference weights and global batch:
+per-step losses within 1e-5 relative of TP1's) is checked by test_megatron_checkpoint's source runs."""
 import os
 
 import pytest
 
 from ucp_plugin.errors import LayoutError
-from ucp_plugin.launcher import run_workers
+from ucp_plugin.format import MANIFEST
+from ucp_plugin.launcher import WorkerError, run_workers
 from ucp_plugin.megatron.harness import TrainSettings, rank_micro_batches, token_batches
 from ucp_plugin.megatron.layout import MegatronLayout
 from ucp_plugin.models import ModelConfig
 
-TOL = 1e-5
 SIZES = dict(hidden=32, heads=4, ffn=64, layers=4, vocab=100, divisible_by=32, seq_length=16)
 MODELS = {"gpt": dict(SIZES, tied=True),
           "llama": dict(SIZES, query_groups=2, ffn=48),
@@ -25,61 +25,13 @@ def _tokens(family):
     return [batch.tolist()] * SETTINGS["steps"]
 
 
-def _train(family, layout, overrides=None, tokens=True):
-    """``tokens=True``: one batch repeated; None: the harness's fresh batch per step."""
+def _train(family, layout):
     kwargs = {"family": family, "model": MODELS[family], "layout": layout, "settings": SETTINGS,
-              "tokens": _tokens(family) if tokens else None, "overrides": overrides}
+              "tokens": _tokens(family)}
     out = run_workers(MegatronLayout(**layout).world_size, "ucp_plugin.megatron.harness:train_worker",
                       kwargs, timeout=600)
     assert all(o["losses"] == out[0]["losses"] for o in out), "ranks disagree on the step losses"
     return out
-
-
-def _assert_close(losses, reference):
-    rel = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
-    assert rel < TOL, f"relative loss difference {rel:.2e} >= {TOL}: {losses} vs {reference}"
-
-
-@pytest.fixture(scope="module")
-def baseline():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = _train(family, {})[0]
-        return cache[family]
-    return get
-
-
-@pytest.mark.slow
-def test_gpt_tp2_and_pp2_match_tp1(baseline):
-    ref = baseline("gpt")
-    assert ref["losses"][-1] < ref["losses"][0], f"the model does not learn: {ref['losses']}"
-    tp2 = _train("gpt", {"tp": 2})
-    pp2 = _train("gpt", {"pp": 2})
-    _assert_close(tp2[0]["losses"], ref["losses"])
-    _assert_close(pp2[0]["losses"], ref["losses"])
-    # the tied output layer lives on the last stage as its own parameter: one more than at PP1
-    assert [o["layers"] for o in pp2] == [[0, 1], [2, 3]]
-    assert sum(o["num_params"] for o in pp2) == ref["num_params"] + 1
-    assert tp2[0]["num_params"] == ref["num_params"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family,layout", [
-    ("gpt", {"dp": 2, "optimizer": "ddp"}),
-    ("llama", {"tp": 2, "sp": True}),
-    ("llama", {"pp": 2, "first_stage_layers": 1}),
-    ("mixtral", {"dp": 2, "ep": 2}),
-    ("mixtral", {"tp": 2, "sp": True}),
-])
-def test_other_layouts_match_tp1(baseline, family, layout):
-    out = _train(family, layout)
-    _assert_close(out[0]["losses"], baseline(family)["losses"])
-    if layout.get("ep"):
-        assert [o["experts"] for o in out] == [[0, 1], [2, 3]]
-    if layout.get("first_stage_layers"):
-        assert [o["layers"] for o in out] == [[0], [1, 2, 3]]
 
 
 def test_micro_batches_hold_the_same_sequences_at_every_dp():
@@ -106,16 +58,37 @@ def test_layout_validation_names_the_fix():
 
 
 @pytest.mark.slow
-def test_distributed_optimizer_resume_needs_the_step_fix(baseline):
+def test_distributed_optimizer_resume_needs_the_step_fix():
     """megatron's DistributedOptimizer.load_state_dict gives all parameters one shared AdamW `step`
     (torch fallback without apex/TE); distopt_fixes gives each its own again."""
     env = {"PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     kwargs = {"family": "gpt", "model": MODELS["gpt"], "layout": {"dp": 2}, "settings": SETTINGS,
               "resume_after": 1}
-    fixed = run_workers(2, "mg_workers:resume_in_place", dict(kwargs, fix=True), timeout=600, env=env)
-    broken = run_workers(2, "mg_workers:resume_in_place", dict(kwargs, fix=False), timeout=600, env=env)
-    uninterrupted = _train("gpt", {"dp": 2}, tokens=None)[0]["losses"]
-    assert fixed[0]["shared_steps_after_load"] == 0 and broken[0]["shared_steps_after_load"] > 0
-    assert fixed[0]["losses"] == uninterrupted
-    rel = abs(broken[0]["losses"][-1] - uninterrupted[-1]) / uninterrupted[-1]
+    out = run_workers(2, "mg_workers:step_fix_runs", kwargs, timeout=600, env=env)[0]
+    fixed, broken, uninterrupted = out["fixed"], out["broken"], out["uninterrupted"]
+    assert fixed["shared_steps_after_load"] == 0 and broken["shared_steps_after_load"] > 0
+    assert fixed["losses"] == uninterrupted
+    rel = abs(broken["losses"][-1] - uninterrupted[-1]) / uninterrupted[-1]
     assert rel > 1e-5, f"the shared step should visibly change the loss, changed it by {rel:.1e}"
+
+
+@pytest.mark.slow
+def test_train_worker_runs_one_layout():
+    """The recipes' entry point: a TP1 run that learns its repeated batch (the layouts agree with each
+    other: test_megatron_checkpoint)."""
+    out = _train("gpt", {})
+    assert out[0]["losses"][-1] < out[0]["losses"][0], f"the model does not learn: {out[0]['losses']}"
+    assert out[0]["layers"] == [0, 1, 2, 3] and out[0]["experts"] == []
+
+
+@pytest.mark.slow
+def test_resume_worker_refuses_a_bad_layout_before_initialising(tmp_path):
+    """The layout is checked on the checkpoint's manifest (a folder holding only ucp.json here) before
+    the workers initialise torch.distributed or megatron."""
+    from test_megatron_validate import manifest
+
+    (tmp_path / MANIFEST).write_text(manifest("gpt").to_json())
+    kwargs = {"family": "gpt", "model": MODELS["gpt"], "layout": {"tp": 3}, "load_dir": str(tmp_path)}
+    with pytest.raises(WorkerError, match="cannot be loaded at TP=3 PP=1 EP=1") as e:
+        run_workers(3, "ucp_plugin.megatron.harness:resume_worker", kwargs, timeout=300)
+    assert "TP in [1, 2, 4]" in str(e.value)

@@ -59,7 +59,7 @@ class Partitioned(Split):
         if shape[self.dim] % tp:
             raise LayoutError(f"parameter {name!r}: dim {self.dim} of size {shape[self.dim]} is not "
                               f"divisible by TP={tp}; valid TP sizes: {_divisors(shape[self.dim])}")
-        if self.groups % tp:
+        if self.groups > 1 and self.groups % tp:
             raise LayoutError(f"parameter {name!r}: TP={tp} does not divide its {self.groups} groups "
                               f"(query groups / heads); valid TP sizes: {_divisors(self.groups)}")
 

@@ -35,6 +35,7 @@ from . import optimizer_view as O
 from . import vocab_padding as P
 from .build import unwrap
 from .model_view import ParamEntry, dp_share, layers_per_stage, param_entries, resolve_spec
+from .validate import validate_layout
 
 log = logging.getLogger(__name__)
 ADAPTER, ADAPTER_VERSION = "megatron.core", "1"
@@ -309,6 +310,8 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
     view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
     path = os.path.join(str(load_dir), tag) if tag else str(load_dir)
     ck = comm.run(lambda: Checkpoint.open(path, verify))
+    if ck.manifest.writer.adapter == ADAPTER:  # its manifest records the model: check the layout first
+        comm.run(lambda: validate_layout(ck.manifest, view.layout))
     comm.run(lambda: check_atoms(ck, view))
     with_opt = optimizer is not None and has_optimizer_states(ck)
     if with_opt:

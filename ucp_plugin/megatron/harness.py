@@ -23,6 +23,7 @@ from ..models.config import ModelConfig
 from .build import build_stage_model, global_named_parameters, model_spec
 from .layout import MegatronLayout, init_parallel_state
 from .reference_init import copy_reference_shards, full_reference_state
+from .validate import validate_layout
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def setup(family: str, cfg: ModelConfig, layout: MegatronLayout, settings: Train
     if settings.bf16:
         overrides.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
     spec = model_spec(family, cfg)
-    state = full_reference_state(family, cfg, settings.seed, **overrides) if reference_init else None
+    state = reference_state(family, cfg, settings.seed, overrides) if reference_init else None
     init_parallel_state(layout)
     torch.manual_seed(settings.seed)
     model_parallel_cuda_manual_seed(settings.seed)
@@ -108,6 +109,18 @@ def setup(family: str, cfg: ModelConfig, layout: MegatronLayout, settings: Train
         copy_reference_shards(model, state, spec, cfg)
     ddp_model, optimizer = wrap(model, layout, settings)
     return Run(ddp_model, optimizer, spec, cfg, layout, settings)
+
+
+_REFERENCE: dict = {}
+
+
+def reference_state(family: str, cfg: ModelConfig, seed: int, overrides: dict) -> dict:
+    """``full_reference_state``, computed once per process for each model (it does not depend on the
+    layout; a process running several layouts one after another reuses it)."""
+    key = (family, cfg, seed, tuple(sorted(overrides.items())))
+    if key not in _REFERENCE:
+        _REFERENCE[key] = full_reference_state(family, cfg, seed, **overrides)
+    return _REFERENCE[key]
 
 
 def wrap(model, layout: MegatronLayout, settings: TrainSettings):
@@ -189,11 +202,21 @@ def stage_summary(run: Run) -> dict:
             "num_params": len(names)}
 
 
-def train_worker(family: str, model: dict, layout: dict, settings: dict | None = None,
-                 tokens: list | None = None, overrides: dict | None = None) -> dict:
-    """``run_workers`` entry point: JSON-able arguments in, per-step losses and timings out.
-    ``tokens`` (optional) is a [steps, global_batch, seq + 1] nested list; default: ``token_batches``."""
-    start = time.perf_counter()
+def resume(family: str, cfg: ModelConfig, layout: MegatronLayout, settings: TrainSettings, load_dir: str,
+           overrides: dict | None = None, optimizer: bool = True) -> tuple[Run, dict]:
+    """Check ``layout`` against the checkpoint in ``load_dir`` (its manifest only: nothing is built or
+    read before), build this rank's stage with its own initial weights and load the checkpoint
+    (``optimizer=False``: the weights only). Returns the run and ``load_universal``'s state."""
+    from .checkpoint import load_universal
+
+    validate_layout(load_dir, layout)
+    run = setup(family, cfg, layout, settings, reference_init=False, overrides=overrides)
+    opt = run.optimizer if optimizer else None
+    return run, load_universal(run.model, opt, load_dir, family=family, config=cfg)
+
+
+def init_process() -> None:
+    """The per-process set-up of a worker: CPU shim, DistributedOptimizer fixes, gloo."""
     import torch.distributed as dist
 
     from . import cpu_shim, distopt_fixes
@@ -202,10 +225,39 @@ def train_worker(family: str, model: dict, layout: dict, settings: dict | None =
     distopt_fixes.install()
     if not dist.is_initialized():
         dist.init_process_group("gloo")
+
+
+def _batches(cfg: ModelConfig, settings: TrainSettings, tokens: list | None) -> torch.Tensor:
+    return torch.tensor(tokens) if tokens is not None else token_batches(cfg, settings)
+
+
+def train_worker(family: str, model: dict, layout: dict, settings: dict | None = None,
+                 tokens: list | None = None, overrides: dict | None = None) -> dict:
+    """``run_workers`` entry point: JSON-able arguments in, per-step losses and timings out.
+    ``tokens`` (optional) is a [steps, global_batch, seq + 1] nested list; default: ``token_batches``."""
+    start = time.perf_counter()
+    import torch.distributed as dist
+
+    init_process()
     cfg, lay, sets = ModelConfig(**model), MegatronLayout(**layout), TrainSettings(**(settings or {}))
-    batches = torch.tensor(tokens) if tokens is not None else token_batches(cfg, sets)
     run = setup(family, cfg, lay, sets, overrides=overrides)
     setup_seconds = time.perf_counter() - start
-    result = train(run, batches)
+    result = train(run, _batches(cfg, sets, tokens))
     return {"rank": dist.get_rank(), "layout": asdict(lay), "setup_seconds": setup_seconds,
+            **stage_summary(run), **result}
+
+
+def resume_worker(family: str, model: dict, layout: dict, load_dir: str, settings: dict | None = None,
+                  tokens: list | None = None, overrides: dict | None = None) -> dict:
+    """``run_workers`` entry point: resume the checkpoint in ``load_dir`` at ``layout`` and train the
+    steps after its iteration. A layout the saved model cannot have is refused before this process
+    initialises anything (``validate.validate_layout``)."""
+    import torch.distributed as dist
+
+    cfg, lay, sets = ModelConfig(**model), MegatronLayout(**layout), TrainSettings(**(settings or {}))
+    validate_layout(load_dir, lay)
+    init_process()
+    run, state = resume(family, cfg, lay, sets, load_dir, overrides)
+    result = train(run, _batches(cfg, sets, tokens)[state["iteration"]:])
+    return {"rank": dist.get_rank(), "layout": asdict(lay), "iteration": state["iteration"],
             **stage_summary(run), **result}

@@ -71,7 +71,9 @@ class MegatronLayout:
                               "remaining layers evenly (at least one each)")
 
     def describe(self) -> str:
-        extra = f",sp" if self.sp else ""
+        extra = ",sp" if self.sp else ""
+        extra += f",first{self.first_stage_layers}" if self.first_stage_layers is not None else ""
+        extra += f",last{self.last_stage_layers}" if self.last_stage_layers is not None else ""
         return f"tp{self.tp}.pp{self.pp}.dp{self.dp}.ep{self.ep}{extra}.{self.optimizer}"
 
 
