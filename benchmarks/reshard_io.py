@@ -16,11 +16,10 @@ import time
 import numpy as np
 import torch
 
-from ucp_plugin.format import Manifest
 from ucp_plugin.language import Fused, Partitioned, Replicated
 from ucp_plugin.plan import local_numel, region_for
-from ucp_plugin.storage import AtomInfo, Checkpoint, ShardWriter, commit, prepare_staging
-from ucp_plugin.format import Layout, Writer
+from ucp_plugin.storage import Checkpoint, ShardWriter, commit, prepare_staging
+from ucp_plugin.format import Atom, Layout, Manifest, Writer
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -49,7 +48,7 @@ def write(root: str, model, tp: int, dp: int) -> float:
         for d in range(dp):
             w = ShardWriter(staging, t * dp + d)
             for name, shape, split in model:
-                w.add_atom(AtomInfo(name, "param", shape, split.to_json(), {s: "float32" for s in STATES}, {}))
+                w.add_atom(Atom(name, "param", shape, split.to_json(), {s: "float32" for s in STATES}, {}))
                 if isinstance(split, Replicated) and t:
                     continue
                 region = region_for(split, shape, t, tp)

@@ -5,11 +5,11 @@ import torch
 import torch.distributed as dist
 
 from ucp_plugin.comm import Comm
-from ucp_plugin.format import Layout
+from ucp_plugin.format import Atom, Layout
 from ucp_plugin.language import Partitioned
 from ucp_plugin.plan import local_numel, region_for
 from ucp_plugin.session import SaveHeader, save_universal
-from ucp_plugin.storage import AtomInfo, Checkpoint
+from ucp_plugin.storage import Checkpoint
 
 SHAPE = (8, 6)
 
@@ -29,7 +29,7 @@ def save_tp(root, tag, step, fault=None):
     region = region_for(split, SHAPE, rank, tp)
 
     def fill(w):
-        w.add_atom(AtomInfo("w", "param", SHAPE, split.to_json(), {"fp32": "float32"}, {"step": step}))
+        w.add_atom(Atom("w", "param", SHAPE, split.to_json(), {"fp32": "float32"}, {"step": step}))
         local = _atom(step)[:, rank * 6 // tp:(rank + 1) * 6 // tp]
         w.add("w", "fp32", local, region, 0)
         w.save_state({"step": step, "rank": rank})

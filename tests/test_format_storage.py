@@ -12,7 +12,7 @@ from ucp_plugin.format import MANIFEST, Atom, Layout, Manifest, Piece, Region, W
 from ucp_plugin.language import Fused
 from ucp_plugin.plan import local_numel, region_for
 from ucp_plugin.session import SaveHeader, save_universal
-from ucp_plugin.storage import AtomInfo, Checkpoint
+from ucp_plugin.storage import Checkpoint
 
 HEADER = SaveHeader("test", "1", "none", "0", Layout(tp=2, dp=2))
 
@@ -46,7 +46,7 @@ def write_tp2_dp2(root, tag="step1"):
         from ucp_plugin.storage.writer import ShardWriter, prepare_staging
         staging = prepare_staging(root, ".stage")
         w = ShardWriter(staging, rank)
-        w.add_atom(AtomInfo("w", "param", shape, split.to_json(), {"fp32": "float32", "exp_avg": "float32"},
+        w.add_atom(Atom("w", "param", shape, split.to_json(), {"fp32": "float32", "exp_avg": "float32"},
                             {"step": 5}))
         for state, full in atom.items():
             local = torch.zeros(local_numel(region, shape))
@@ -102,7 +102,7 @@ def test_flipped_byte_and_missing_param(tmp_path):
 
 def test_session_single_process_and_unpicklable_state(tmp_path):
     def fill(w):
-        w.add_atom(AtomInfo("b", "buffer", (3,), {"kind": "replicated", "reduce": "first"},
+        w.add_atom(Atom("b", "buffer", (3,), {"kind": "replicated", "reduce": "first"},
                             {"param": "int64"}, {}))
         w.add("b", "param", torch.tensor([1, 2, 3]), Region.whole((3,)), 0)
         w.save_state({"iteration": 3}, common=True)

@@ -16,11 +16,11 @@ import torch
 
 from ..comm import Comm
 from ..errors import UnsupportedError
-from ..format import Layout, Region, dtype_name
+from ..format import Atom, Layout, Region, dtype_name
 from ..language import Replicated
 from ..plan import zero as Z
 from ..session import SaveHeader, save_universal
-from ..storage import AtomInfo, ShardWriter
+from ..storage import ShardWriter
 from . import state as S
 from .config import check_engine
 from .engine_view import EngineView, base_optimizer, fp32_buffers, inspect_engine
@@ -55,8 +55,8 @@ def _number(v):
     return int(v) if float(v).is_integer() else float(v)
 
 
-def _info(view: EngineView, name: str, kind: str, states: dict, scalars: dict) -> AtomInfo:
-    return AtomInfo(name, kind, view.shapes[name], SPLIT, states, scalars)
+def _info(view: EngineView, name: str, kind: str, states: dict, scalars: dict) -> Atom:
+    return Atom(name, kind, view.shapes[name], SPLIT, states, scalars)
 
 
 def write_trainable(writer: ShardWriter, engine, view: EngineView) -> None:
@@ -99,7 +99,7 @@ def write_buffers(writer: ShardWriter, engine, view: EngineView) -> None:
     for name in view.buffers:
         buf = engine.module.get_buffer(name)
         shape = tuple(buf.shape)
-        writer.add_atom(AtomInfo(name, "buffer", shape, SPLIT, {"param": dtype_name(buf.dtype)}, {}))
+        writer.add_atom(Atom(name, "buffer", shape, SPLIT, {"param": dtype_name(buf.dtype)}, {}))
         writer.add(name, "param", buf, Region.whole(shape), 0)
 
 

@@ -26,11 +26,11 @@ import torch
 
 from ..comm import Comm
 from ..errors import StateMismatchError
-from ..format import Layout
+from ..format import Atom, Layout, dtype_name
 from ..language import Replicated
 from ..models.config import ModelConfig
 from ..session import SaveHeader, save_universal as run_save
-from ..storage import AtomInfo, Checkpoint, ShardWriter
+from ..storage import Checkpoint, ShardWriter
 from . import optimizer_view as O
 from . import vocab_padding as P
 from .build import unwrap
@@ -85,10 +85,6 @@ def _writes(e: ParamEntry) -> int | None:
     return 0
 
 
-def _dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
-
-
 def _pieces(e: ParamEntry, master: O.Master | None) -> tuple[int, int, dict, dict]:
     """(start, stop, {state: 1-D tensor of local elements [start, stop)}, scalars) this rank writes."""
     if master is not None and master.distributed:
@@ -105,14 +101,14 @@ def _pieces(e: ParamEntry, master: O.Master | None) -> tuple[int, int, dict, dic
     return start, stop, tensors, O.scalar_states(master.state)
 
 
-def _add(writer: ShardWriter, info: AtomInfo, tensors: dict, region, start: int, replica: int) -> None:
+def _add(writer: ShardWriter, info: Atom, tensors: dict, region, start: int, replica: int) -> None:
     writer.add_atom(info)
     for key, flat in tensors.items():
         writer.add(info.name, key, flat, region, start, replica)
 
 
-def _info(name: str, kind: str, shape, split: dict, tensors: dict, scalars: dict) -> AtomInfo:
-    return AtomInfo(name, kind, tuple(shape), split, {k: _dtype_name(v) for k, v in tensors.items()}, scalars)
+def _info(name: str, kind: str, shape, split: dict, tensors: dict, scalars: dict) -> Atom:
+    return Atom(name, kind, tuple(shape), split, {k: dtype_name(v.dtype) for k, v in tensors.items()}, scalars)
 
 
 def write_params(writer: ShardWriter, view: RankView, optimizer) -> None:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -33,17 +33,6 @@ def chunk_size(numel: int) -> int:
     reader of part of a small piece does not have to fetch all of it to check what it reads."""
     return min(CHUNK_ELEMS, max(MIN_CHUNK_ELEMS, -(-numel // 8)))
 SHARDS, INDEX, STATE = "shards", "index", "state"
-
-
-@dataclass(frozen=True)
-class AtomInfo:
-    """What a rank knows about an atom besides its pieces (same on every rank that holds it)."""
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    split: dict
-    states: dict[str, str]
-    scalars: dict
 
 
 def staging_name(tag: str) -> str:
@@ -66,9 +55,10 @@ class ShardWriter:
         self.file = f"{SHARDS}/rank-{rank:05d}.safetensors"
         self._tensors: dict[str, torch.Tensor] = {}
         self._pieces: list[dict] = []
-        self._atoms: dict[str, AtomInfo] = {}
+        self._atoms: dict[str, Atom] = {}
 
-    def add_atom(self, info: AtomInfo) -> None:
+    def add_atom(self, info: Atom) -> None:
+        """Declare an atom this rank holds pieces of (its ``pieces`` are ignored: ``add`` makes them)."""
         old = self._atoms.get(info.name)
         if old is not None and old != info:
             raise FormatError(f"atom {info.name!r} described twice differently on rank {self.rank}")
@@ -92,7 +82,7 @@ class ShardWriter:
         if self._tensors:
             save_tensors(os.path.join(self.staging, self.file), self._tensors)
         faults.point("after_shard", self.rank)
-        index = {"rank": self.rank, "atoms": [asdict(a) for a in self._atoms.values()],
+        index = {"rank": self.rank, "atoms": [asdict(replace(a, pieces=())) for a in self._atoms.values()],
                  "pieces": [{"atom": p["atom"], **asdict(p["piece"])} for p in self._pieces]}
         atomic_write_text(os.path.join(self.staging, INDEX, f"rank-{self.rank:05d}.json"), json.dumps(index))
 
