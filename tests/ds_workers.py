@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from tests import ds_harness as H
+from ucp_plugin.deepspeed.engine_view import fp32_buffers
 from ucp_plugin.plan import zero as Z
 
 GEOMETRY_CONFIGS = {
@@ -55,18 +56,6 @@ def plan_for(name: str, dp: int, groups) -> Z.ZeroLayout:
     align = Z.param_alignment(2 if dtype == "bf16" else 4, kw.get("parameter_alignment", False))
     sub = kw.get("sub_group_size", Z.DEFAULT_SUB_GROUP_SIZE)
     return Z.plan_zero(groups, dp, kind, alignment=align, sub_group_size=sub)
-
-
-def ds_buffers(engine, kind: str) -> list[torch.Tensor]:
-    """The fp32 buffers of this rank in base-optimizer order, as DeepSpeed keeps them."""
-    opt = engine.optimizer
-    if kind == Z.ZERO_FLAT:
-        return list(opt.single_partition_of_fp32_groups)
-    if kind == Z.BF16_FLAT:
-        return list(opt.fp32_groups_flat_partition)
-    if kind == Z.ZERO3:
-        return list(opt.fp32_partitioned_groups_flat)
-    return [p for g in opt.param_groups for p in g["params"]]
 
 
 def check_values(layout: Z.ZeroLayout, rank: int, buffers, ref, dtype) -> list[str]:
@@ -152,11 +141,11 @@ def check_config(name: str) -> dict:
         return {"config": name, "errors": [f"DeepSpeed built {kind}, plan says {layout.kind}"]}
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     alignment = Z.param_alignment(2 if dtype == "bf16" else 4, kw.get("parameter_alignment", False))
-    errors = check_values(layout, rank, ds_buffers(engine, kind), ref, torch_dtype)
+    errors = check_values(layout, rank, fp32_buffers(engine, kind), ref, torch_dtype)
     errors += check_bookkeeping(engine, layout, rank, groups, alignment)
     wrong = Z.plan_zero(groups, dp + 1, layout.kind, sub_group_size=kw.get("sub_group_size", Z.DEFAULT_SUB_GROUP_SIZE))
     wrong = Z.ZeroLayout(wrong.kind, dp, tuple(b for b in wrong.buffers if b.rank < dp), wrong.replicated)
-    detects = bool(check_values(wrong, rank, ds_buffers(engine, kind), ref, torch_dtype)) or layout.replicated
+    detects = bool(check_values(wrong, rank, fp32_buffers(engine, kind), ref, torch_dtype)) or layout.replicated
     H.run_steps(engine, 1, seed=0, model=model)
     errors += check_states(engine, layout, rank)
     engine.destroy()
