@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except UCPError as e:
         print(f"ucp {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `ucp inspect ... | head`: the reader left, which is not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
