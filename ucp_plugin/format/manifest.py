@@ -6,7 +6,7 @@ raises FormatError naming the file and what is wrong.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import FormatError
 
@@ -216,7 +216,3 @@ def _decode(d: dict, where: str) -> Manifest:
                     files=tuple(_build(FileEntry, f, where, "file entry") for f in d.get("files", ())),
                     family=d.get("family"), iteration=d.get("iteration"),
                     state_ranks=int(state.get("ranks", 0)), model=dict(d.get("model") or {}), format_version=str(d["format_version"]))
-
-
-def with_files(m: Manifest, files: tuple[FileEntry, ...]) -> Manifest:
-    return replace(m, files=files)

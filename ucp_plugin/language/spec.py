@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from ..errors import LayoutError, SpecError
-from .splits import Replicated, Split
+from .splits import Split
 
 PIPELINE = "pp"
 EXPERT = "ep"
@@ -118,7 +118,3 @@ class ModelSpec:
                               f"{self.family} model; valid EP sizes: {valid}")
         for name, shape in shapes.items():
             self.split_for(name).check(name, tuple(shape), tp)
-
-
-def replicated_rule(pattern: str) -> Rule:
-    return Rule(pattern, Replicated())

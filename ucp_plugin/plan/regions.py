@@ -41,10 +41,6 @@ class CopyPlan:
     def total(self) -> int:
         return int(self.length.sum())
 
-    def src_span(self) -> tuple[int, int]:
-        """The smallest source range covering every copy."""
-        return int(self.src.min()), int((self.src + self.length).max())
-
     def read_spans(self, align: int, size: int) -> list[tuple[int, int, "CopyPlan"]]:
         """Source ranges to fetch, aligned to ``align``-element chunks (the unit a reader verifies)
         and clipped to ``size``: chunks no copy touches are skipped, so a reader fetches at most

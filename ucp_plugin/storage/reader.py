@@ -14,7 +14,7 @@ import torch
 from ..errors import FormatError, StateMismatchError
 from ..format import MANIFEST, Atom, Manifest, Piece, Region
 from ..language import split_from_json
-from ..plan import apply, intersect, local_numel, runs
+from ..plan import apply, intersect, runs
 from .files import load_tree, open_tensors, read_latest, tensor_bytes
 
 
@@ -175,8 +175,3 @@ class Checkpoint:
     def has_state(self, rank: int | None = None) -> bool:
         stem = "common" if rank is None else f"rank-{rank:05d}"
         return os.path.isfile(os.path.join(self.path, "state", stem + ".json"))
-
-
-def fragment_numel(atom: Atom, region: Region) -> int:
-    return local_numel(region, atom.shape)
-
