@@ -109,12 +109,22 @@ class ModelSpec:
 
     def check_layout(self, tp: int, pp: int, ep: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Raise LayoutError (with the valid choices) if TP/PP/EP cannot hold this model."""
-        if self.num_layers and pp > self.num_layers:
-            raise LayoutError(f"PP={pp} is larger than the {self.num_layers} layers of this "
-                              f"{self.family} model; valid PP sizes: 1..{self.num_layers}")
-        if ep > 1 and (not self.num_experts or self.num_experts % ep):
-            valid = [d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0] or [1]
-            raise LayoutError(f"EP={ep} does not divide the {self.num_experts} experts of this "
-                              f"{self.family} model; valid EP sizes: {valid}")
+        check_pipeline(self.family, self.num_layers, pp)
+        check_experts(self.family, self.num_experts, ep)
         for name, shape in shapes.items():
             self.split_for(name).check(name, tuple(shape), tp)
+
+
+def check_pipeline(family: str, num_layers: int, pp: int) -> None:
+    """PP stages each need a layer (``num_layers`` 0 means unknown: nothing to check)."""
+    if num_layers and pp > num_layers:
+        raise LayoutError(f"PP={pp} is larger than the {num_layers} layers of this {family} model; "
+                          f"valid PP sizes: 1..{num_layers}")
+
+
+def check_experts(family: str, num_experts: int, ep: int) -> None:
+    """EP ranks split the experts evenly; a dense model (0 experts) takes only EP=1."""
+    if ep > 1 and (not num_experts or num_experts % ep):
+        valid = [d for d in range(1, num_experts + 1) if num_experts % d == 0] or [1]
+        raise LayoutError(f"EP={ep} does not divide the {num_experts} experts of this {family} model; "
+                          f"valid EP sizes: {valid}")

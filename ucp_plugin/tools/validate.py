@@ -7,7 +7,7 @@ from itertools import product
 
 from ..errors import LayoutError
 from ..format import Manifest
-from ..language import split_from_json
+from ..language import check_experts, check_pipeline, split_from_json
 from ..storage import Checkpoint
 
 
@@ -33,12 +33,13 @@ class Verdict:
 
 def reasons(m: Manifest, tp: int, pp: int, ep: int, zero_stage: int | None) -> list[str]:
     out = []
-    layers = int(m.model.get("num_layers", 0))
-    experts = int(m.model.get("num_experts", 0))
-    if layers and pp > layers:
-        out.append(f"PP={pp} is larger than the model's {layers} layers")
-    if ep > 1 and (not experts or experts % ep):
-        out.append(f"EP={ep} does not divide the model's {experts} experts")
+    family = m.family or "checkpointed"
+    for check, size, n in ((check_pipeline, int(m.model.get("num_layers", 0)), pp),
+                           (check_experts, int(m.model.get("num_experts", 0)), ep)):
+        try:
+            check(family, size, n)
+        except LayoutError as e:
+            out.append(str(e).split("; valid")[0])
     if zero_stage is not None and zero_stage not in (0, 1, 2, 3):
         out.append(f"ZeRO stage {zero_stage} does not exist (0, 1, 2 or 3)")
     seen = set()
