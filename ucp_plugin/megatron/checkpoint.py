@@ -74,7 +74,7 @@ def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None)
 
 # ------------------------------------------------------------------------------------------- save
 
-def _writes(e: ParamEntry) -> int | None:
+def writes(e: ParamEntry) -> int | None:
     """The replica index this rank writes for ``e``, or None when another rank writes it."""
     if e.tied_to:
         return None
@@ -115,20 +115,27 @@ def write_params(writer: ShardWriter, view: RankView, optimizer) -> None:
     owned = O.masters(optimizer) if optimizer is not None else {}
     distributed = optimizer is not None and O.is_distributed(optimizer)
     for e in view.entries:
-        replica = _writes(e)
+        replica = writes(e)
         master = owned.get(e.param)
         if replica is None or (distributed and e.param.requires_grad and master is None):
             continue  # another rank writes it (TP rank 0, the DP rank owning the shard)
         start, stop, tensors, scalars = _pieces(e, master)
-        kind, real = ("param" if e.param.requires_grad else "frozen"), e.real_numel
-        if min(stop, real) > start:
-            part = {k: v[:min(stop, real) - start] for k, v in tensors.items()}
-            info = _info(e.global_name, kind, e.global_shape, e.split.to_json(), part, scalars)
-            _add(writer, info, part, e.region, start, replica)
-        if stop > max(start, real) and P.padded(e):
-            part = {k: v[max(start, real) - start:] for k, v in tensors.items()}
-            info = _info(P.atom_name(e.global_name), kind, P.atom_shape(e), PAD_SPLIT, part, scalars)
-            _add(writer, info, part, P.region(e), max(start, real) - real, replica)
+        write_entry(writer, e, start, stop, tensors, scalars, replica)
+
+
+def write_entry(writer: ShardWriter, e: ParamEntry, start: int, stop: int, tensors: dict, scalars: dict,
+                replica: int) -> None:
+    """Write local elements [start, stop) of ``e`` (each state in ``tensors``, 1-D): real elements to
+    the parameter's atom, vocabulary padding rows to its padding atom."""
+    kind, real = ("param" if e.param.requires_grad else "frozen"), e.real_numel
+    if min(stop, real) > start:
+        part = {k: v[:min(stop, real) - start] for k, v in tensors.items()}
+        info = _info(e.global_name, kind, e.global_shape, e.split.to_json(), part, scalars)
+        _add(writer, info, part, e.region, start, replica)
+    if stop > max(start, real) and P.padded(e):
+        part = {k: v[max(start, real) - start:] for k, v in tensors.items()}
+        info = _info(P.atom_name(e.global_name), kind, P.atom_shape(e), PAD_SPLIT, part, scalars)
+        _add(writer, info, part, P.region(e), max(start, real) - real, replica)
 
 
 def optimizer_hyper(optimizer) -> list[list[dict]]:
