@@ -91,7 +91,7 @@ def _count_shared_steps(optimizer) -> int:
 
 # ----------------------------------------------------------------------------------- plans of runs
 
-def run_plan(runs: list[dict]) -> dict:
+def run_plan(runs: list[dict], runners: dict | None = None) -> dict:
     """Run ``runs`` one after another in this process (parallel_state is re-initialised for each
     layout; all layouts have this job's world size). Each run is {"id", "kind": "save" | "load",
     "args"}. Returns {id: result}; a run that raises gives {"error": "<type>: <message>"} (the errors
@@ -102,7 +102,7 @@ def run_plan(runs: list[dict]) -> dict:
     out = {}
     for run in runs:
         try:
-            out[run["id"]] = RUNNERS[run["kind"]](**run["args"])
+            out[run["id"]] = (runners or RUNNERS)[run["kind"]](**run["args"])
         except Exception as e:  # reported to the test, which asserts on it
             out[run["id"]] = {"error": f"{type(e).__name__}: {e}"}
     return out

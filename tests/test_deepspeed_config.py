@@ -60,8 +60,10 @@ def test_check_engine_names_the_unsupported_setting():
         assert text in str(info.value) and 'remove "universal"' in str(info.value), (text, str(info.value))
     early = _fake_engine(pipeline_parallelism=True, mpu=types.SimpleNamespace(get_model_parallel_world_size=lambda: 4))
     del early.mp_world_size  # as inside DeepSpeedEngine.__init__, before _configure_distributed_model
-    assert cfg.unsupported_settings(early) == ["pipeline parallelism (PipelineModule)",
-                                               "model parallelism (mp size 4); use the Megatron adapter"]
+    problems = cfg.unsupported_settings(early)
+    assert problems[0] == "pipeline parallelism (PipelineModule)"
+    assert problems[1].startswith("model parallelism (mp size 4) with an mpu ucp_plugin cannot map") \
+        and "MegatronMPU()" in problems[1]
 
 
 def test_patches_are_idempotent_and_route_on_the_flag():

@@ -13,6 +13,7 @@ import difflib
 from dataclasses import dataclass
 
 from ..errors import UnsupportedError
+from .params import binding_for
 
 UNIVERSAL = "universal"
 DS_UNIVERSAL = "load_universal"  # DeepSpeed's own UCP loader (ds_to_universal folders)
@@ -81,8 +82,13 @@ def unsupported_settings(engine) -> list[str]:
         problems.append("MoE layers (expert-parallel groups)")
     if type(engine).__name__ == "PipelineEngine" or getattr(engine, "pipeline_parallelism", False):
         problems.append("pipeline parallelism (PipelineModule)")
-    if _model_parallel_size(engine) > 1:
-        problems.append(f"model parallelism (mp size {_model_parallel_size(engine)}); use the Megatron adapter")
+    binding = binding_for(engine)
+    if binding is not None:
+        problems += binding.problems(engine)
+    elif _model_parallel_size(engine) > 1:
+        problems.append(f"model parallelism (mp size {_model_parallel_size(engine)}) with an mpu ucp_plugin "
+                        "cannot map; for a megatron-core model pass "
+                        "mpu=ucp_plugin.megatron.deepspeed_engine.MegatronMPU()")
     if hasattr(engine, "autotp_size") and engine.autotp_size() > 1:
         problems.append(f'"tensor_parallel": {{"autotp_size": {engine.autotp_size()}}} (AutoTP)')
     if stage == 3 and engine.zero_hpz_partition_size() > 1:

@@ -7,7 +7,7 @@ Line references: docs/deepspeed-internals.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -15,6 +15,7 @@ import torch.distributed as dist
 from ..errors import LayoutError, UnsupportedError
 from ..format import dtype_name
 from ..plan import zero as Z
+from .params import param_map
 
 _KIND_BY_CLASS = {"DeepSpeedZeroOptimizer": Z.ZERO_FLAT, "BF16_Optimizer": Z.BF16_FLAT,
                   "DeepSpeedZeroOptimizer_Stage3": Z.ZERO3}
@@ -24,7 +25,9 @@ _KIND_BY_CLASS = {"DeepSpeedZeroOptimizer": Z.ZERO_FLAT, "BF16_Optimizer": Z.BF1
 class EngineView:
     """``groups``: as the base optimizer holds them (zero.py's *group*); ``trainable``: parameters
     whose fp32 master and optimizer state live in the buffers; ``frozen``: every other parameter;
-    ``buffers``: persistent module buffers. ``shapes`` covers all parameters."""
+    ``buffers``: persistent module buffers. ``shapes`` covers all parameters. ``rank``/``dp`` are the
+    coordinates in the group ZeRO partitions over (megatron's data-parallel group when the engine has
+    an ``mpu``); ``params`` names each parameter's atom (``params.py``)."""
     kind: str
     rank: int
     dp: int
@@ -36,6 +39,7 @@ class EngineView:
     trainable: tuple[str, ...]
     frozen: tuple[str, ...]
     buffers: tuple[str, ...]
+    params: object = None
 
 
 def optimizer_kind(engine) -> str:
@@ -92,16 +96,17 @@ def inspect_engine(engine) -> EngineView:
         size = torch.tensor([], dtype=opt.round_robin_bit16_groups[0][0].dtype).element_size()
         align = Z.param_alignment(size, opt.parameter_alignment)
     sub = getattr(opt, "sub_group_size", Z.DEFAULT_SUB_GROUP_SIZE)
-    dp = dist.get_world_size() if dist.is_initialized() else 1
+    group = getattr(engine, "seq_data_parallel_group", None)  # the group ZeRO partitions over
+    dp = dist.get_world_size(group) if dist.is_initialized() else 1
     layout = Z.plan_zero(groups, dp, kind, alignment=align, sub_group_size=sub)
     params = dict(engine.module.named_parameters())
     trainable = tuple(n for n, p in params.items() if p.requires_grad and _numel(p) > 0)
-    view = EngineView(kind, dist.get_rank() if dist.is_initialized() else 0, dp,
+    view = EngineView(kind, dist.get_rank(group) if dist.is_initialized() else 0, dp,
                       engine.zero_optimization_stage(), dtype_name(engine.get_data_types()[0]), groups,
                       {n: _shape(p) for n, p in params.items()}, layout, trainable,
                       tuple(n for n in params if n not in trainable), tuple(persistent_buffers(engine.module)))
     _check_against_engine(engine, view)
-    return view
+    return replace(view, params=param_map(engine, view))
 
 
 def fp32_buffers(engine, kind: str) -> list[torch.Tensor]:

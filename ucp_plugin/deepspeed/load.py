@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 
 from ..comm import Comm
 from ..errors import StateMismatchError, UnsupportedError
@@ -18,62 +19,30 @@ from .engine_view import EngineView, base_optimizer, fp32_buffers, inspect_engin
 from .sources import has_latest, open_source
 
 log = logging.getLogger(__name__)
-WEIGHT = {"param": "fp32", "frozen": "param", "buffer": "param"}
 
 
-def _some(names: list) -> str:
-    return ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-
-
-def check_atoms(source, view: EngineView, strict: bool) -> None:
-    """Every parameter/buffer of the model is in the checkpoint with the same shape (and, when
-    ``strict``, nothing else is)."""
-    optional = () if strict else view.frozen  # saved with exclude_frozen_parameters=True
-    wanted = list(view.trainable) + [n for n in view.frozen if n in source.atoms or n not in optional] \
-        + list(view.buffers)
-    missing = [n for n in wanted if n not in source.atoms]
-    if missing:
-        raise StateMismatchError(f"{source.path}: the model has {len(missing)} tensor(s) the checkpoint lacks: "
-                                 f"{_some(missing)}; load a checkpoint of this model (same configuration)")
-    shapes = {**view.shapes, **{n: source.atoms[n].shape for n in view.buffers}}
-    bad = [n for n in wanted if tuple(source.atoms[n].shape) != tuple(shapes[n])]
-    if bad:
-        n = bad[0]
-        raise StateMismatchError(f"{source.path}: {n!r} has shape {tuple(source.atoms[n].shape)} in the checkpoint "
-                                 f"but {tuple(shapes[n])} in the model ({len(bad)} tensor(s) differ: {_some(bad)}); "
-                                 "load a checkpoint of the same model configuration")
-    extra = sorted(set(source.atoms) - set(wanted))
-    if strict and extra:
-        raise StateMismatchError(f"{source.path}: the checkpoint has {len(extra)} tensor(s) the model lacks: "
-                                 f"{_some(extra)}; pass load_module_strict=False to ignore them")
-
-
-def _read_weight(source, name: str, start: int, stop: int, dtype) -> torch.Tensor:
-    meta = source.atoms[name]
-    return source.read(name, WEIGHT[meta.kind], start, stop, dtype)
-
-
-def _buffer_states(source, b: Z.Buffer, trainable: set, with_opt: bool):
+def _buffer_states(source, view: EngineView, b: Z.Buffer, trainable: set, with_opt: bool):
     """fp32 master, optimizer states and scalars of one buffer, assembled from its fragments."""
+    pmap = view.params
     fp32 = torch.zeros(b.numel, dtype=torch.float32)
     states, steps, keys = {}, {}, None
     for f in b.fragments:
         if f.name not in trainable:
             continue
-        fp32[f.buffer_offset:f.buffer_offset + f.length] = _read_weight(
-            source, f.name, f.param_offset, f.param_offset + f.length, torch.float32)
-        meta = source.atoms[f.name]
+        lo, hi = f.param_offset, f.param_offset + f.length
+        fp32[f.buffer_offset:f.buffer_offset + f.length] = pmap.read_weight(source, f.name, lo, hi,
+                                                                            torch.float32)
+        meta = pmap.atom(source, f.name)
         if not with_opt or meta.kind != "param":
             continue
         mine = sorted(k for k in meta.states if k != "fp32")
         if keys is not None and mine != keys:
-            raise StateMismatchError(f"{source.path}: {f.name!r} has optimizer states {mine}, another "
+            raise StateMismatchError(f"{source.path}: {meta.name!r} has optimizer states {mine}, another "
                                      f"parameter of the same ZeRO buffer {keys}; cannot merge them")
         keys = mine
         for key in mine:
             dst = states.setdefault(key, torch.zeros(b.numel, dtype=getattr(torch, meta.states[key])))
-            dst[f.buffer_offset:f.buffer_offset + f.length] = source.read(
-                f.name, key, f.param_offset, f.param_offset + f.length, dst.dtype)
+            dst[f.buffer_offset:f.buffer_offset + f.length] = pmap.read(source, f.name, key, lo, hi, dst.dtype)
         for k, v in meta.scalars.items():
             steps.setdefault(k, {})[f.name] = v
     return fp32, states, _one_scalar_each(steps, b)
@@ -114,7 +83,7 @@ def load_trainable(engine, view: EngineView, source, with_opt: bool) -> None:
     for b in view.layout.for_rank(view.rank):
         if not any(f.name in trainable for f in b.fragments) and view.kind == Z.PER_PARAM:
             continue
-        fp32, states, scalars = _buffer_states(source, b, trainable, with_opt)
+        fp32, states, scalars = _buffer_states(source, view, b, trainable, with_opt)
         t = bufs[b.index]
         with torch.no_grad():
             t.copy_(fp32.view(t.shape).to(t.dtype))
@@ -128,7 +97,7 @@ def load_frozen(engine, view: EngineView, source) -> None:
     params = dict(engine.module.named_parameters())
     with torch.no_grad():
         for name in view.frozen:
-            if name not in source.atoms:  # excluded at save and allowed by load_module_strict=False
+            if not view.params.has(source, name):  # excluded at save, allowed by load_module_strict=False
                 continue
             p = params[name]
             if hasattr(p, "ds_tensor"):  # ZeRO-3: only this rank's partition
@@ -136,16 +105,16 @@ def load_frozen(engine, view: EngineView, source) -> None:
                 ps = Z.zero3_partition_numel(numel, view.dp)
                 lo, hi = min(view.rank * ps, numel), min((view.rank + 1) * ps, numel)
                 if hi > lo:
-                    p.ds_tensor[:hi - lo].copy_(_read_weight(source, name, lo, hi, p.ds_tensor.dtype))
+                    p.ds_tensor[:hi - lo].copy_(view.params.read_weight(source, name, lo, hi, p.ds_tensor.dtype))
             elif p.numel():
-                p.copy_(_read_weight(source, name, 0, p.numel(), p.dtype).view(p.shape))
+                p.copy_(view.params.read_weight(source, name, 0, p.numel(), p.dtype).view(p.shape))
 
 
 def load_buffers(engine, view: EngineView, source) -> None:
     with torch.no_grad():
         for name in view.buffers:
             buf = engine.module.get_buffer(name)
-            buf.copy_(_read_weight(source, name, 0, buf.numel(), buf.dtype).view(buf.shape))
+            buf.copy_(view.params.read_weight(source, name, 0, buf.numel(), buf.dtype).view(buf.shape))
 
 
 def refresh_low_precision(engine, view: EngineView) -> None:
@@ -182,13 +151,13 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
     client = comm.run(lambda: _restore_training_state(engine, view, source, with_opt, load_lr_scheduler_states,
                                                       load_module_only))
     engine.loaded_checkpoint_dp_world_size = getattr(source, "dp", None)
-    engine.loaded_checkpoint_mp_world_size = 1
+    engine.loaded_checkpoint_mp_world_size = getattr(source, "tp", 1)
     _report(source, view)
     return source.path, client
 
 
 def _check_source(engine, view: EngineView, source, strict: bool, with_opt: bool) -> None:
-    check_atoms(source, view, strict)
+    view.params.check(source, view, strict)
     if with_opt:
         S.check_optimizer(base_optimizer(engine, view.kind), source.common_state(), source.path)
 
@@ -210,7 +179,7 @@ def _restore_training_state(engine, view, source, with_opt, load_sched, module_o
     base = base_optimizer(engine, view.kind)
     client = S.restore_common(engine, base, source.common_state(), source.path, optimizer=with_opt,
                               scheduler=load_sched, counters=True)
-    rng = source.rank_state(view.rank, view.dp)
+    rng = source.rank_state(dist.get_rank(), dist.get_world_size())
     if rng is not None:
         S.restore_rank(rng)
     return client

@@ -17,16 +17,15 @@ import torch
 from ..comm import Comm
 from ..errors import UnsupportedError
 from ..format import Atom, Layout, Region, dtype_name
-from ..language import Replicated
 from ..plan import zero as Z
 from ..session import SaveHeader, save_universal
 from ..storage import ShardWriter
+from . import params
 from . import state as S
 from .config import check_engine
 from .engine_view import EngineView, base_optimizer, fp32_buffers, inspect_engine
 
-ADAPTER, ADAPTER_VERSION = "deepspeed.zero", "1"
-SPLIT = Replicated().to_json()  # DeepSpeed alone has no tensor parallelism
+SPLIT = params.SPLIT
 
 
 def share(numel: int, rank: int, dp: int) -> tuple[int, int]:
@@ -55,10 +54,6 @@ def _number(v):
     return int(v) if float(v).is_integer() else float(v)
 
 
-def _info(view: EngineView, name: str, kind: str, states: dict, scalars: dict) -> Atom:
-    return Atom(name, kind, view.shapes[name], SPLIT, states, scalars)
-
-
 def write_trainable(writer: ShardWriter, engine, view: EngineView) -> None:
     bufs, opt = fp32_buffers(engine, view.kind), base_optimizer(engine, view.kind)
     trainable = set(view.trainable)
@@ -66,29 +61,26 @@ def write_trainable(writer: ShardWriter, engine, view: EngineView) -> None:
         t = bufs[b.index]
         tensors, scalars = split_state(opt.state.get(t, {}), t.numel(), f"rank {view.rank} buffer {b.index}")
         tensors = {"fp32": t.detach().reshape(-1), **tensors}
-        states = {k: dtype_name(v.dtype) for k, v in tensors.items()}
         for f in b.fragments:
-            if f.name not in trainable:  # stage 0 keeps frozen params in the torch optimizer
+            # stage 0 keeps frozen params in the torch optimizer; a TP replica may be another rank's
+            if f.name not in trainable or not view.params.writes(f.name):
                 continue
             lo, hi = (0, f.length) if not view.layout.replicated else share(f.length, view.rank, view.dp)
-            writer.add_atom(_info(view, f.name, "param", states, scalars))
-            for key, flat in tensors.items():
-                start = f.buffer_offset + lo
-                writer.add(f.name, key, flat[start:start + hi - lo], Region.whole(view.shapes[f.name]),
-                           f.param_offset + lo)
+            start = f.buffer_offset + lo
+            view.params.write(writer, f.name, "param", f.param_offset + lo,
+                              {k: v[start:start + hi - lo] for k, v in tensors.items()}, scalars)
 
 
 def write_frozen(writer: ShardWriter, engine, view: EngineView) -> None:
     params = dict(engine.module.named_parameters())
     for name in view.frozen:
-        p = params[name]
-        numel = _numel(p)
-        writer.add_atom(_info(view, name, "frozen", {"param": dtype_name(p.dtype)}, {}))
-        lo, hi = share(numel, view.rank, view.dp)
-        if hi <= lo:
+        if not view.params.writes(name):
             continue
-        local = p.ds_tensor.detach()[:hi - lo] if hasattr(p, "ds_tensor") else p.detach().reshape(-1)[lo:hi]
-        writer.add(name, "param", local, Region.whole(view.shapes[name]), lo)
+        p = params[name]
+        lo, hi = share(_numel(p), view.rank, view.dp)
+        local = p.ds_tensor.detach()[:max(hi - lo, 0)] if hasattr(p, "ds_tensor") \
+            else p.detach().reshape(-1)[lo:max(lo, hi)]
+        view.params.write(writer, name, "frozen", lo, {"param": local}, {})
 
 
 def _numel(p) -> int:
@@ -108,10 +100,11 @@ def save_checkpoint(engine, save_dir, tag=None, client_state=None, save_latest=T
     """The universal replacement of ``DeepSpeedEngine.save_checkpoint`` (same arguments)."""
     check_engine(engine)
     view = inspect_engine(engine)
+    pmap = view.params
     tag = f"global_step{engine.global_steps}" if tag is None else str(tag)
-    layout = Layout(dp=view.dp, zero_stage=view.stage, param_dtype=view.param_dtype)
-    header = SaveHeader(ADAPTER, ADAPTER_VERSION, "deepspeed", deepspeed.__version__, layout,
-                        iteration=engine.global_steps)
+    layout = pmap.layout(Layout(dp=view.dp, zero_stage=view.stage, param_dtype=view.param_dtype))
+    header = SaveHeader(pmap.adapter, pmap.adapter_version, "deepspeed", deepspeed.__version__, layout,
+                        family=pmap.family, iteration=engine.global_steps, model=pmap.model_info())
     meta = {"kind": view.kind, "dp": view.dp, "zero_stage": view.stage, "param_dtype": view.param_dtype}
 
     def fill(writer: ShardWriter) -> None:

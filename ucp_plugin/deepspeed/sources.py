@@ -32,7 +32,7 @@ class UcpSource:
         self.path = checkpoint.path
         self.atoms = {a.name: AtomMeta(a.name, a.kind, tuple(a.shape), dict(a.states), dict(a.scalars))
                       for a in checkpoint.manifest.atoms}
-        self.dp = checkpoint.manifest.layout.dp
+        self.dp, self.tp = checkpoint.manifest.layout.dp, checkpoint.manifest.layout.tp
         self.requested = 0
 
     def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:

@@ -83,16 +83,20 @@ def restore_optimizer(engine, base, saved: dict, where: str) -> None:
 def restore_common(engine, base, state: dict, where: str, *, optimizer: bool, scheduler: bool,
                    counters: bool) -> dict:
     """Apply the saved common state; return the client state."""
-    if optimizer and state.get("optimizer"):
-        restore_optimizer(engine, base, state["optimizer"], where)
+    saved_opt = state.get("optimizer") or {}
+    if optimizer and saved_opt and all(isinstance(g, dict) for g in saved_opt.get("param_groups") or [{}]):
+        restore_optimizer(engine, base, saved_opt, where)
+    elif optimizer and saved_opt:  # megatron's optimizer: its groups do not map onto the engine's
+        log.info("%s: written by another framework's optimizer; keeping the engine's lr and weight "
+                 "decay (the LR scheduler, when given, sets them)", where)
     if scheduler and engine.lr_scheduler is not None and state.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if counters:
         e = state.get("engine") or {}
-        engine.global_steps = int(e.get("global_steps", engine.global_steps))
+        engine.global_steps = int(e.get("global_steps", state.get("iteration") or engine.global_steps))
         engine.global_samples = int(e.get("global_samples", engine.global_steps * engine.train_batch_size()))
         engine.skipped_steps = int(e.get("skipped_steps", engine.skipped_steps))
-    return dict(state.get("client_state") or {})
+    return dict(state.get("client_state") or state.get("extra") or {})
 
 
 def rank_state() -> dict:

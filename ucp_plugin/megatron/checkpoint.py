@@ -172,6 +172,12 @@ def rank_state() -> dict:
     return state
 
 
+def model_info(config: ModelConfig) -> dict:
+    """The manifest's ``model``: what ``validate.validate_layout`` checks a target layout against."""
+    return {"num_layers": config.layers, "num_experts": config.experts, "num_heads": config.heads,
+            "num_query_groups": config.groups, "config": asdict(config)}
+
+
 def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | None = None,
                    scheduler_state: dict | None = None, extra_state: dict | None = None, *,
                    family: str | None = None, config: ModelConfig | None = None, vocab: int | None = None,
@@ -181,11 +187,8 @@ def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | N
 
     chunks, comm = as_chunks(model), Comm()
     view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
-    model_info = {"num_layers": view.config.layers, "num_experts": view.config.experts,
-                  "num_heads": view.config.heads, "num_query_groups": view.config.groups,
-                  "config": asdict(view.config)}
     header = SaveHeader(ADAPTER, ADAPTER_VERSION, "megatron-core", megatron.core.__version__, view.layout,
-                        family=view.family, iteration=iteration, model=model_info)
+                        family=view.family, iteration=iteration, model=model_info(view.config))
 
     def fill(writer: ShardWriter) -> None:
         write_params(writer, view, optimizer)
@@ -261,7 +264,8 @@ def restore_optimizer_hyper(optimizer, saved: list[list[dict]]) -> None:
     """lr and weight decay per param group, matched on the group's other hyper-parameters (the groups
     differ by layout: with EP > 1 expert parameters get their own optimizer). A scheduler restored
     afterwards sets them again from its own state."""
-    pool = [g for groups in saved for g in groups]
+    # megatron saves one list per inner optimizer, the DeepSpeed engine path one list of groups
+    pool = [g for groups in saved for g in (groups if isinstance(groups, list) else [groups])]
     volatile = {"lr", "weight_decay", "is_expert_parallel", "step"}
     for opt in O.inner_optimizers(optimizer):
         for group in opt.optimizer.param_groups:
@@ -313,7 +317,7 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
     view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
     path = os.path.join(str(load_dir), tag) if tag else str(load_dir)
     ck = comm.run(lambda: Checkpoint.open(path, verify))
-    if ck.manifest.writer.adapter == ADAPTER:  # its manifest records the model: check the layout first
+    if (ck.manifest.model or {}).get("config"):  # the manifest records the model: check the layout first
         comm.run(lambda: validate_layout(ck.manifest, view.layout))
     comm.run(lambda: check_atoms(ck, view))
     with_opt = optimizer is not None and has_optimizer_states(ck)
