@@ -7,7 +7,10 @@ in fresh processes, compare with an uninterrupted run on A, write losses (CSV/JS
 
 GPT runs on DeepSpeed ZeRO (layouts ``zero<stage>-dp<N>[-bf16]``); LLaMA and Mixtral run on
 megatron-core through the Megatron-style entry ``recipes.megatron.pretrain`` (layouts
-``tp<N>-pp<N>-dp<N>-ep<N>[-sp]``, DP inferred from the world size). Exits 1 if the resumed losses
+``tp<N>-pp<N>-dp<N>-ep<N>[-sp]``, DP inferred from the world size; a ``zero<N>`` token trains the
+same model with a DeepSpeed engine at that ZeRO stage, the Megatron-DeepSpeed set-up, e.g.
+``--family llama --layout-a tp2-dp2-zero1 --layout-b tp2-pp2``: megatron's optimizer resumes a
+DeepSpeed engine's checkpoint). Exits 1 if the resumed losses
 leave the uninterrupted ones by more than ``--tolerance`` (relative).
 """
 from __future__ import annotations
@@ -73,6 +76,8 @@ def _kwargs(recipe: Recipe, layout: str, steps: int, total: int, save: str | Non
     argv = list(recipe.megatron_flags) + ["--train-iters", str(total)]
     argv += [x for axis, n in _axes(layout).items() if axis in MEGATRON_AXES for x in (MEGATRON_AXES[axis], str(n))]
     argv += ["--sequence-parallel"] if "sp" in layout.lower().split("-") else []
+    zero = [t for t in layout.lower().split("-") if t.startswith("zero") and t[4:].isdigit()]
+    argv += ["--deepspeed", "--zero-stage", zero[0][4:]] if zero else []
     argv += ["--save", save, "--save-interval", str(total)] if save else []
     argv += ["--load", load] if load else []
     return dict(argv=argv)

@@ -26,7 +26,9 @@ def test_gpt_recipe_zero2_dp2_to_zero3_dp1(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("family,layout_a,layout_b", [("llama", "tp2-pp2", "tp1-dp4"),
-                                                       ("mixtral", "ep2-dp2", "tp2-sp")])
+                                                       ("mixtral", "ep2-dp2", "tp2-sp"),
+                                                       # Megatron-DeepSpeed engine -> megatron's optimizer
+                                                       ("llama", "tp2-dp2-zero1", "tp2-pp2")])
 def test_megatron_recipes(tmp_path, monkeypatch, capsys, family, layout_a, layout_b):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(__file__)))
     code = run(family, layout_a, layout_b, steps=2, resume_steps=2, out=str(tmp_path))

@@ -9,6 +9,11 @@ on megatron-core, with universal checkpoints (``--universal-checkpoint``).
         --seq-length 64 --micro-batch-size 1 --global-batch-size 8 --lr 1e-3 --train-iters 20 \\
         --save ckpt --save-interval 10 --load ckpt --universal-checkpoint
 
+With ``--deepspeed --zero-stage N`` (Megatron-DeepSpeed's flags) the model is trained by a DeepSpeed
+engine instead of megatron's optimizer (``ucp_plugin.megatron.deepspeed_engine``: ZeRO over megatron's
+data-parallel group, TP x DP); its universal checkpoints are the same format, so either optimizer
+resumes the other's.
+
 Data: the byte-level text of ``recipes.common`` (Python's standard library sources). On a machine
 without CUDA the megatron-core CPU shim is installed; on GPUs it is not.
 """
@@ -35,13 +40,13 @@ def megatron_parser() -> argparse.ArgumentParser:
                           ("--train-iters", 10), ("--save-interval", None), ("--seed", 1234),
                           ("--make-vocab-size-divisible-by", 128),
                           ("--decoder-first-pipeline-num-layers", None),
-                          ("--decoder-last-pipeline-num-layers", None)):
+                          ("--decoder-last-pipeline-num-layers", None), ("--zero-stage", 1)):
         a(flag, type=int, default=default)
     a("--lr", type=float, default=1e-3)
     a("--weight-decay", type=float, default=0.01)
     a("--clip-grad", type=float, default=1.0)
     for flag in ("--sequence-parallel", "--use-distributed-optimizer", "--group-query-attention", "--swiglu",
-                 "--untie-embeddings-and-output-weights", "--bf16", "--moe-grouped-gemm"):
+                 "--untie-embeddings-and-output-weights", "--bf16", "--moe-grouped-gemm", "--deepspeed"):
         a(flag, action="store_true")
     a("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     a("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
@@ -84,13 +89,63 @@ def _report(progress: str | None, iteration: int, loss: float) -> None:
             f.write(json.dumps({"step": iteration, "loss": loss}) + "\n")
 
 
+class MegatronTrainer:
+    """megatron's DDP + optimizer (``ucp_plugin.megatron.harness``), ucp_plugin's save/load calls."""
+
+    def __init__(self, family, cfg, layout, settings):
+        from ucp_plugin.megatron.harness import setup
+
+        self.family, self.cfg, self.run = family, cfg, setup(family, cfg, layout, settings)
+
+    def step(self, batch) -> float:
+        from ucp_plugin.megatron.harness import train_step
+
+        return train_step(self.run, batch)
+
+    def save(self, folder: str, iteration: int) -> None:
+        from ucp_plugin.megatron.checkpoint import save_universal
+
+        save_universal(self.run.model, self.run.optimizer, folder, f"iter_{iteration:07d}", iteration,
+                       family=self.family, config=self.cfg)
+
+    def load(self, folder: str, verify: bool) -> int:
+        from ucp_plugin.megatron.checkpoint import load_universal
+
+        return load_universal(self.run.model, self.run.optimizer, folder, verify=verify, family=self.family,
+                              config=self.cfg)["iteration"]
+
+
+class DeepSpeedTrainer:
+    """A DeepSpeed engine around the megatron-core model (Megatron-DeepSpeed): the engine's own
+    ``save_checkpoint`` / ``load_checkpoint``, universal through its config."""
+
+    def __init__(self, family, cfg, layout, settings, zero_stage: int):
+        from ucp_plugin.megatron.deepspeed_harness import EngineLayout, setup_engine
+
+        if layout.pp > 1 or layout.ep > 1 or layout.sp:
+            raise SystemExit("--deepspeed runs TP x DP only: drop --pipeline-model-parallel-size, "
+                             "--expert-model-parallel-size and --sequence-parallel")
+        engine_layout = EngineLayout(tp=layout.tp, dp=layout.dp, zero_stage=zero_stage, bf16=settings.bf16)
+        self.settings, self.engine = settings, setup_engine(family, cfg, engine_layout, settings)
+
+    def step(self, batch) -> float:
+        from ucp_plugin.megatron.deepspeed_harness import train_step
+
+        return train_step(self.engine, batch, self.settings)
+
+    def save(self, folder: str, iteration: int) -> None:
+        self.engine.save_checkpoint(folder, tag=f"iter_{iteration:07d}")
+
+    def load(self, folder: str, verify: bool) -> int:
+        self.engine.load_checkpoint(folder)
+        return self.engine.global_steps
+
+
 def worker(argv: list[str], progress: str | None = None) -> dict:
     """One rank of a pretraining run; returns the losses of the iterations it trained."""
     import torch.distributed as dist
 
     from ucp_plugin.megatron import cpu_shim, distopt_fixes
-    from ucp_plugin.megatron.checkpoint import load_universal, save_universal
-    from ucp_plugin.megatron.harness import setup, train_step
 
     args = megatron_parser().parse_args(argv)
     if not torch.cuda.is_available():
@@ -99,23 +154,24 @@ def worker(argv: list[str], progress: str | None = None) -> dict:
     if not dist.is_initialized():
         dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
     family, cfg, layout, settings = configs(args, dist.get_world_size())
-    run = setup(family, cfg, layout, settings)
-    iteration, opts = 0, UcpOptions.from_args(args)
+    opts = UcpOptions.from_args(args)
     if not opts.enabled and (args.save or args.load):
         raise SystemExit("this entry saves and loads universal checkpoints only: add --universal-checkpoint")
+    trainer = DeepSpeedTrainer(family, cfg, layout, settings, args.zero_stage) if args.deepspeed \
+        else MegatronTrainer(family, cfg, layout, settings)
+    iteration = 0
     if args.load and os.path.exists(os.path.join(args.load, "latest")):
-        iteration = load_universal(run.model, run.optimizer, args.load, verify=opts.load_verify,
-                                   family=family, config=cfg)["iteration"]
+        iteration = trainer.load(args.load, opts.load_verify)
     tokens, losses = corpus(), []
     while iteration < args.train_iters:
         batch = torch.from_numpy(global_batch(tokens, iteration, settings.global_batch, cfg.seq_length, args.seed))
-        losses.append(train_step(run, batch))
+        losses.append(trainer.step(batch))
         iteration += 1
         _report(progress, iteration, losses[-1])
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save_universal(run.model, run.optimizer, args.save, f"iter_{iteration:07d}", iteration,
-                           family=family, config=cfg)
-    return {"losses": losses, "iteration": iteration, "layout": layout.describe()}
+            trainer.save(args.save, iteration)
+    engine = f"deepspeed zero{args.zero_stage}" if args.deepspeed else "megatron"
+    return {"losses": losses, "iteration": iteration, "layout": f"{layout.describe()} ({engine})"}
 
 
 if __name__ == "__main__":
