@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from ucp_plugin.errors import LayoutError, UnsupportedError
-from ucp_plugin.language import Fused, Replicated, VocabPartitioned
+from ucp_plugin.errors import LayoutError
+from ucp_plugin.language import Blocks, Fused, Replicated, VocabPartitioned
 from ucp_plugin.launcher import run_workers
 from ucp_plugin.models import ModelConfig, gpt, llama, mixtral
 
@@ -16,7 +16,7 @@ MODELS = {
     "gpt_untied": ("gpt", dict(SIZES, tied=False)),
     "llama": ("llama", dict(SIZES, query_groups=2, ffn=48)),
     "mixtral": ("mixtral", dict(SIZES, query_groups=2, ffn=48, experts=4, moe_ffn=40)),
-    "mixtral_grouped": ("mixtral", dict(SIZES, query_groups=2, ffn=48, experts=4, grouped_mlp=True)),
+    "mixtral_grouped": ("mixtral", dict(SIZES, query_groups=2, ffn=48, experts=4, moe_ffn=40, grouped_mlp=True)),
 }
 FAMILY = {"gpt": gpt, "llama": llama, "mixtral": mixtral}
 
@@ -38,6 +38,9 @@ def _check_split_against_megatron(param, split):
         assert isinstance(split, Replicated), f"{name}: megatron replicates it, spec says {split}"
         return
     assert not isinstance(split, Replicated), f"{name}: megatron partitions it, spec says replicated"
+    if isinstance(split, Blocks):  # GroupedMLP: each block is the transposed TP-local tensor
+        assert split.transposed and param["partition_dim"] == 1 - split.inner.dim, f"{name}: {split}"
+        return
     assert split.dim == param["partition_dim"], f"{name}: partition_dim {param['partition_dim']} vs {split}"
     stride = param["partition_stride"]
     if isinstance(split, Fused):
@@ -50,7 +53,7 @@ def _check_split_against_megatron(param, split):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("label", ["gpt", "gpt_untied", "llama", "mixtral"])
+@pytest.mark.parametrize("label", ["gpt", "gpt_untied", "llama", "mixtral", "mixtral_grouped"])
 def test_every_parameter_matches_one_rule_consistent_with_megatron(megatron_params, label):
     spec = _spec(label)
     params = megatron_params[label]
@@ -62,11 +65,12 @@ def test_every_parameter_matches_one_rule_consistent_with_megatron(megatron_para
         _check_split_against_megatron(param, rule.split)
         spec.split_for(param["name"]).check(param["name"], tuple(param["shape"]), 1)
     unused = [r.pattern for r in spec.rules if r.pattern not in used]
-    # only TE names, the output layer (tied: exists only on the last stage of PP>1) and GPT's
-    # position embedding variants may be absent from a local-spec TP=1 model
+    # only TE names, the output layer (tied: exists only on the last stage of PP>1), GPT's position
+    # embedding variants and the other expert layout may be absent from a local-spec TP=1 model
+    other_experts = r"local_experts\." if label == "mixtral_grouped" else r"mlp\.experts\.weight"
     for pattern in unused:
         te_only = "layer_norm_" in pattern or "weight\\d+" in pattern
-        assert te_only or pattern == r"output_layer\.weight", pattern
+        assert te_only or pattern == r"output_layer\.weight" or other_experts in pattern, pattern
 
 
 @pytest.mark.slow
@@ -83,13 +87,23 @@ def test_param_names_per_family(megatron_params):
 
 
 @pytest.mark.slow
-def test_grouped_mlp_layout_is_reported_not_guessed(megatron_params):
+def test_grouped_mlp_blocks_are_the_sequential_atoms(megatron_params):
+    """GroupedMLP's weight1/weight2 (all 4 experts in one tensor each) map block by block onto the
+    SequentialMLP's per-expert atoms, with the shapes megatron gives those."""
+    from ucp_plugin.megatron.model_view import block_segments
+
     grouped = {p["name"]: p for p in megatron_params["mixtral_grouped"]}
-    w1, w2 = grouped["decoder.layers.0.mlp.experts.weight1"], grouped["decoder.layers.0.mlp.experts.weight2"]
-    # all 4 experts of the rank in one tensor each: [hidden, experts * 2*ffn] and [experts * ffn, hidden]
-    assert w1["shape"] == [32, 4 * 2 * 48] and w2["shape"] == [4 * 48, 32]
-    with pytest.raises(UnsupportedError, match="GroupedMLP"):
-        _spec("mixtral_grouped")
+    sequential = {p["name"]: p for p in megatron_params["mixtral"]}
+    spec = _spec("mixtral_grouped")
+    for name, shape in [("decoder.layers.1.mlp.experts.weight1", [32, 4 * 2 * 40]),
+                        ("decoder.layers.1.mlp.experts.weight2", [4 * 40, 32])]:
+        assert grouped[name]["shape"] == shape
+        segments = block_segments(name, spec.split_for(name), tuple(shape), 4, 0, 0, 1)
+        assert [s.offset for s in segments] == [k * 32 * 80 // (1 if name.endswith("1") else 2) for k in range(4)]
+        for k, seg in enumerate(segments):
+            assert seg.atom == name.replace(f"weight{name[-1]}", f"local_experts.{k}.linear_fc{name[-1]}.weight")
+            assert list(seg.shape) == sequential[seg.atom]["shape"] and seg.order == "transposed"
+            assert spec.split_for(seg.atom) == spec.split_for(name).inner
 
 
 def test_spec_placements_map_local_to_global():

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from ucp_plugin.errors import LayoutError
 from ucp_plugin.format import Region
 from ucp_plugin.language import Fused, Partitioned, Replicated, VocabPartitioned
-from ucp_plugin.plan import atom_from_fragment, fragment_of_atom, intersect, local_numel, region_for, runs
+from ucp_plugin.plan import (atom_from_fragment, fragment_of_atom, intersect, local_numel, region_for, runs,
+                             transposed_rects)
 
 
 def fragments(split, shape, tp, dp):
@@ -110,3 +111,75 @@ def test_golden_swiglu_and_vocab_padding():
 def test_dim1_split_runs_are_rows():
     r = runs(region_for(Partitioned(1), (3, 4), 1, 2), (3, 4), 1, 5)
     assert list(zip(r.glob.tolist(), r.local.tolist(), r.length.tolist())) == [(3, 0, 1), (6, 1, 2), (10, 3, 1)]
+
+
+# ------------------------------------------------------------------- transposed blocks (GroupedMLP)
+
+def _rect_view(fragment, rect):
+    """The rectangle as a [rows, cols] view of the fragment (numpy strides count bytes)."""
+    step = fragment.itemsize
+    return np.lib.stride_tricks.as_strided(fragment[rect.offset:], (rect.rows, rect.cols),
+                                           (step, rect.stride * step))
+
+
+def _transposed_local(atom, region, shape):
+    n = local_numel(region, shape)
+    local = fragment_of_atom(atom, region, shape, 0, n, np.zeros(n))
+    return local.reshape(region.local_shape(shape)).T.reshape(-1)
+
+
+@st.composite
+def transposed_cases(draw):
+    tp = draw(st.integers(1, 3))
+    dim = draw(st.integers(0, 1))
+    shape = [draw(st.integers(1, 4)), draw(st.integers(1, 4))]
+    if draw(st.booleans()):
+        parts = tuple(draw(st.integers(1, 3)) * tp for _ in range(draw(st.integers(1, 3))))
+        shape[dim] = sum(parts)
+        split = Fused(dim, parts)
+    else:
+        shape[dim] *= tp
+        split = Partitioned(dim)
+    return split, tuple(shape), tp, draw(st.integers(1, 5))
+
+
+@settings(max_examples=300, deadline=None)
+@given(transposed_cases())
+def test_transposed_blocks_written_as_canonical_pieces_round_trip(case):
+    """Every TP rank's transposed block, cut into dp flat ranges anywhere, is written as rectangles
+    in canonical order: together they cover the atom exactly once, and reading each range back
+    through the rectangles gives the transposed fragment."""
+    split, shape, tp, dp = case
+    atom = np.arange(int(np.prod(shape)), dtype=np.float64)
+    rebuilt, covered = np.full(atom.size, -1.0), 0
+    for _, region, a, b in fragments(split, shape, tp, dp):
+        frag = _transposed_local(atom, region, shape)[a:b].copy()
+        back = np.zeros(b - a)
+        for rect in transposed_rects(region, shape, a, b):
+            piece = _rect_view(frag, rect).reshape(-1)  # canonical: atom rows x columns, row-major
+            assert rect.stop - rect.start == piece.size
+            atom_from_fragment(piece, rect.region, shape, rect.start, rect.stop, rebuilt)
+            covered += runs(rect.region, shape, rect.start, rect.stop).total
+            _rect_view(back, rect)[...] = fragment_of_atom(atom, rect.region, shape, rect.start, rect.stop,
+                                                           np.zeros(piece.size)).reshape(rect.rows, rect.cols)
+        assert np.array_equal(back, frag)
+    assert covered == atom.size and np.array_equal(rebuilt, atom)
+
+
+def test_golden_transposed_swiglu_block_cut_mid_column():
+    # fc1 atom [gate; up] = [4, 3] (ffn 2, hidden 3); TP2 rank 1 holds rows (1, 3) -> local [2, 3],
+    # stored transposed as a [3, 2] block; a shard [1, 5) of it is local (1,0) | columns 1..2 | (0,2)
+    region = region_for(Fused(0, (2, 2)), (4, 3), 1, 2)
+    assert region == Region(0, ((1, 2), (3, 4)), 0)
+    got = [(r.region, r.start, r.stop, r.rows, r.cols, r.offset, r.stride)
+           for r in transposed_rects(region, (4, 3), 1, 5)]
+    assert got == [(Region(1, ((0, 1),)), 3, 4, 1, 1, 0, 2),
+                   (Region(1, ((1, 2),)), 1, 2, 1, 1, 1, 2),
+                   (Region(1, ((1, 2),)), 3, 4, 1, 1, 2, 2),
+                   (Region(1, ((2, 3),)), 1, 2, 1, 1, 3, 2)]
+    # a whole block of a dim-1 split (fc2 [hidden 3, ffn 4], TP2 rank 0 holds columns 0..2)
+    region = region_for(Partitioned(1), (3, 4), 0, 2)
+    [whole] = transposed_rects(region, (3, 4), 0, 6)
+    assert (whole.region, whole.start, whole.stop, whole.rows, whole.cols, whole.offset, whole.stride) == \
+        (Region(1, ((0, 2),)), 0, 6, 3, 2, 0, 3)
+    assert transposed_rects(region, (3, 4), 2, 2) == []

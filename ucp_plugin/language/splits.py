@@ -112,7 +112,54 @@ class Fused(Split):
                               f"TP={tp}; valid TP sizes: {_divisors(min(sizes))}")
 
 
-SPLITS: dict[str, type[Split]] = {c.kind: c for c in (Replicated, Partitioned, VocabPartitioned, Fused)}
+@dataclass(frozen=True)
+class Blocks(Split):
+    """A parameter holding several atoms' local tensors, one consecutive block each (megatron's legacy
+    GroupedMLP: one tensor per EP rank holding all its experts). Block k is the local tensor of atom
+    ``atom.format(index=first + k)`` (named relative to the parameter's module, i.e. the parameter name
+    with its last component replaced), split across TP by ``inner``; ``transposed`` blocks store that
+    2-D local tensor transposed. The blocks are row-major 2-D matrices whose dim ``shared_dim`` has the
+    parameter's size along the same dim (GroupedMLP's weight1 [hidden, E*n] holds E blocks [hidden, n]:
+    ``shared_dim=0``; weight2 [E*n, hidden] holds E blocks [n, hidden]: ``shared_dim=1``). The block
+    count and first index come from the layout (the adapter knows the EP rank); the atoms, not this
+    parameter, are what the checkpoint stores, so a Blocks split never appears in a manifest."""
+    kind: ClassVar[str] = "blocks"
+    atom: str
+    inner: Split
+    shared_dim: int = 0
+    transposed: bool = True
+
+    def __post_init__(self):
+        if "{index}" not in self.atom:
+            raise ValueError(f"Blocks.atom must contain '{{index}}' (the block's atom index), not {self.atom!r}")
+        if isinstance(self.inner, (Blocks, VocabPartitioned)):
+            raise ValueError(f"Blocks.inner must be a replicated, partitioned or fused split, not {self.inner}")
+        if self.shared_dim not in (0, 1):
+            raise ValueError(f"Blocks.shared_dim must be 0 or 1 (blocks are 2-D), not {self.shared_dim}")
+
+    def atom_name(self, name: str, index: int) -> str:
+        """The global atom name of block ``index`` of parameter ``name``."""
+        module = name.rsplit(".", 1)[0] + "." if "." in name else ""
+        return module + self.atom.format(index=index)
+
+    def block_shape(self, name: str, shape: tuple[int, ...], count: int) -> tuple[int, int]:
+        """The 2-D shape of each of ``count`` blocks of a local parameter of ``shape``."""
+        numel = 1
+        for s in shape:
+            numel *= s
+        if len(shape) != 2 or count < 1 or numel % (count * shape[self.shared_dim]):
+            raise LayoutError(f"parameter {name!r} of shape {list(shape)} cannot hold {count} blocks whose "
+                              f"dim {self.shared_dim} is {shape[self.shared_dim] if len(shape) == 2 else '?'}; "
+                              "fix the model spec (Blocks.shared_dim) or the expert count")
+        other = numel // count // shape[self.shared_dim]
+        return (shape[0], other) if self.shared_dim == 0 else (other, shape[1])
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "atom": self.atom, "inner": self.inner.to_json(),
+                "shared_dim": self.shared_dim, "transposed": self.transposed}
+
+
+SPLITS: dict[str, type[Split]] = {c.kind: c for c in (Replicated, Partitioned, VocabPartitioned, Fused, Blocks)}
 
 
 def split_from_json(obj: dict) -> Split:
@@ -123,4 +170,6 @@ def split_from_json(obj: dict) -> Split:
                           " (was the checkpoint written by a newer ucp_plugin?)")
     names = {f.name for f in fields(cls)}
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in obj.items() if k in names}
+    if isinstance(kwargs.get("inner"), dict):
+        kwargs["inner"] = split_from_json(kwargs["inner"])
     return cls(**kwargs)

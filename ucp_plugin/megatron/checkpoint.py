@@ -6,8 +6,11 @@ of the TP-local tensor this rank owns (``optimizer_view``: the DistributedOptimi
 a non-distributed optimizer, the r-th of DP near-equal slices so no byte is written twice), plus the
 scalar states (``step``). A TP-replicated parameter is written by TP rank 0 (all TP ranks when its
 split's ``reduce`` is "check"/"average"); a tied output layer is not written (it is the embedding's
-atom); vocabulary padding rows are never written. Rank 0 writes the common state (iteration,
-scheduler, optimizer hyper-parameters, grad scaler, caller's extra state); every rank its RNG.
+atom); vocabulary padding rows are never written. A ``Blocks`` parameter (megatron's legacy
+GroupedMLP: all local experts in one tensor) is written to the atoms of its segments, each block's
+part of the range in that atom's canonical order (``plan.blocks``), and read back the same way.
+Rank 0 writes the common state (iteration, scheduler, optimizer hyper-parameters, grad scaler,
+caller's extra state); every rank its RNG.
 
 Load, on any TP/PP/DP/EP/SP layout and either optimizer kind: each rank reads the region of each atom
 its local tensor is (padding rows read as zeros), sets the model parameter, its master and (when the
@@ -126,8 +129,12 @@ def write_params(writer: ShardWriter, view: RankView, optimizer) -> None:
 def write_entry(writer: ShardWriter, e: ParamEntry, start: int, stop: int, tensors: dict, scalars: dict,
                 replica: int) -> None:
     """Write local elements [start, stop) of ``e`` (each state in ``tensors``, 1-D): real elements to
-    the parameter's atom, vocabulary padding rows to its padding atom."""
+    the parameter's atom (or, for a Blocks parameter, to the atoms of the segments the range
+    touches), vocabulary padding rows to its padding atom."""
     kind, real = ("param" if e.param.requires_grad else "frozen"), e.real_numel
+    if e.segments:
+        _write_segments(writer, e, start, stop, tensors, scalars, replica, kind)
+        return
     if min(stop, real) > start:
         part = {k: v[:min(stop, real) - start] for k, v in tensors.items()}
         info = _info(e.global_name, kind, e.global_shape, e.split.to_json(), part, scalars)
@@ -136,6 +143,20 @@ def write_entry(writer: ShardWriter, e: ParamEntry, start: int, stop: int, tenso
         part = {k: v[max(start, real) - start:] for k, v in tensors.items()}
         info = _info(P.atom_name(e.global_name), kind, P.atom_shape(e), PAD_SPLIT, part, scalars)
         _add(writer, info, part, P.region(e), max(start, real) - real, replica)
+
+
+def _write_segments(writer: ShardWriter, e: ParamEntry, start: int, stop: int, tensors: dict, scalars: dict,
+                    replica: int, kind: str) -> None:
+    """Each segment's part of [start, stop) as pieces of its atom, declared with the atom's own split
+    (what the per-expert SequentialMLP parameter writes)."""
+    for seg in e.segments:
+        cut = seg.overlap(start, stop)
+        if cut is None:
+            continue
+        part = {k: v[cut[0] - start:cut[1] - start] for k, v in tensors.items()}
+        writer.add_atom(_info(seg.atom, kind, seg.shape, e.split.inner.to_json(), part, scalars))
+        for key, flat in part.items():
+            writer.add(seg.atom, key, flat, seg.region, cut[0] - seg.offset, replica, seg.order)
 
 
 def optimizer_hyper(optimizer) -> list[list[dict]]:
@@ -203,15 +224,16 @@ def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | N
 # ------------------------------------------------------------------------------------------- load
 
 def check_atoms(ck: Checkpoint, view: RankView) -> None:
-    """Every local parameter has its atom, with the shape this model expects."""
+    """Every local parameter has its atom(s), with the shape this model expects."""
     stored = {a.name: a for a in ck.manifest.atoms}
-    missing = sorted({e.source for e in view.entries if e.source not in stored})
+    wanted = [atom for e in view.entries for atom in e.atoms]
+    missing = sorted({name for name, _ in wanted if name not in stored})
     if missing:
         raise StateMismatchError(f"{ck.path}: the model has {len(missing)} parameter(s) the checkpoint "
                                  f"lacks, e.g. {missing[:5]}; is it the same model (family "
                                  f"{view.family!r}, {view.config})?")
-    bad = [(e.source, list(stored[e.source].shape), list(e.global_shape)) for e in view.entries
-           if tuple(stored[e.source].shape) != tuple(e.global_shape)]
+    bad = [(name, list(stored[name].shape), list(shape)) for name, shape in wanted
+           if tuple(stored[name].shape) != tuple(shape)]
     if bad:
         raise StateMismatchError(f"{ck.path}: shape mismatch (atom, checkpoint, this model): {bad[:5]}; "
                                  "check the ModelConfig (vocab, ffn, heads, query groups)")
@@ -223,6 +245,14 @@ def has_optimizer_states(ck: Checkpoint) -> bool:
 
 def read_local(ck: Checkpoint, e: ParamEntry, state: str, start: int, stop: int, dtype) -> torch.Tensor:
     """Local elements [start, stop) of ``e``'s ``state``, vocabulary padding rows included."""
+    if e.segments:
+        out = torch.zeros(stop - start, dtype=dtype)
+        for seg in e.segments:
+            cut = seg.overlap(start, stop)
+            if cut is not None:
+                out[cut[0] - start:cut[1] - start] = ck.read_fragment(
+                    seg.atom, state, seg.region, cut[0] - seg.offset, cut[1] - seg.offset, dtype, seg.order)
+        return out
     out = ck.read_fragment(e.source, state, e.region, start, stop, dtype)
     P.overlay(ck, e, state, start, out)
     return out
@@ -232,21 +262,32 @@ def _load_master(ck: Checkpoint, e: ParamEntry, master: O.Master, weight: torch.
     master.main.copy_(weight[master.start:master.stop])
     if not with_opt:
         return
-    atom = ck.atom(e.source)
+    atoms = [ck.atom(name) for name, _ in e.atoms]
     for key, live in O.tensor_states(master.state).items():
-        if key not in atom.states:
-            raise StateMismatchError(f"{ck.path}: parameter {e.source!r} has no optimizer state {key!r} "
-                                     f"(it has {sorted(atom.states)}); load with the optimizer that saved "
+        lacking = next((a for a in atoms if key not in a.states), None)
+        if lacking is not None:
+            raise StateMismatchError(f"{ck.path}: parameter {lacking.name!r} has no optimizer state {key!r} "
+                                     f"(it has {sorted(lacking.states)}); load with the optimizer that saved "
                                      "it, or without optimizer state")
         live.copy_(read_local(ck, e, key, master.start, master.stop, live.dtype).view(live.shape))
-    O.set_scalars(master.state, atom.scalars)
+    O.set_scalars(master.state, _scalars(ck.path, e, atoms))
+
+
+def _scalars(path: str, e: ParamEntry, atoms: list) -> dict:
+    """The scalar states of the master of ``e``; the atoms of a Blocks parameter share one master,
+    so they must agree (they do when one optimizer saved them)."""
+    if any(a.scalars != atoms[0].scalars for a in atoms):
+        raise StateMismatchError(f"{path}: the atoms of {e.global_name!r} ({[a.name for a in atoms][:4]}...) "
+                                 f"have different scalar optimizer states ({[a.scalars for a in atoms][:4]}); "
+                                 "one master cannot take them all: load without optimizer state")
+    return atoms[0].scalars
 
 
 @torch.no_grad()
 def load_params(ck: Checkpoint, view: RankView, optimizer, with_opt: bool) -> None:
     owned = O.masters(optimizer) if optimizer is not None else {}
     for e in view.entries:
-        kind = ck.atom(e.source).kind
+        kind = ck.atom(e.atoms[0][0]).kind
         weight = read_local(ck, e, WEIGHT[kind], 0, e.param.numel(), torch.float32)
         e.param.copy_(weight.view(e.param.shape))
         master = owned.get(e.param)
@@ -257,7 +298,8 @@ def load_params(ck: Checkpoint, view: RankView, optimizer, with_opt: bool) -> No
 def _counted(view: RankView) -> int:
     """Atoms this rank is the designated reader of (TP rank 0, DP rank 0): summed over ranks, each
     atom the model uses is counted once."""
-    return len({e.source for e in view.entries if not e.tied_to and e.tp_rank == 0 and e.dp_rank == 0})
+    return len({name for e in view.entries if not e.tied_to and e.tp_rank == 0 and e.dp_rank == 0
+                for name, _ in e.atoms})
 
 
 def restore_optimizer_hyper(optimizer, saved: list[list[dict]]) -> None:

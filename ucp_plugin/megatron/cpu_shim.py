@@ -26,6 +26,16 @@ torch that can see a GPU. What it changes, and why each piece is needed:
    dispatcher passes split sizes as tensors (on CUDA they become numpy arrays at its "dtoh point";
    CPU tensors are left alone) and gloo's ``all_to_all_single`` accepts only int lists: megatron's
    ``_AllToAll.forward`` gets its split sizes converted to lists.
+6. **GroupedMLP without grouped_gemm** (``moe_grouped_gemm=True`` with the local spec): megatron's
+   legacy ``GroupedMLP`` calls ``grouped_gemm.ops.gmm``, a CUDA-only package, and asserts it at
+   construction. ``gmm`` below is a CPU reference (one matmul per expert's rows, plain autograd),
+   installed into ``megatron.core.transformer.moe.grouped_gemm_util``. Its forward also asserts
+   ``config.bf16`` because the CUDA kernel takes bf16 only; the CPU ``gmm`` takes any dtype, so each
+   GroupedMLP gets a private copy of its config claiming bf16 (its forward reads ``bf16`` only in
+   that assertion; the model's shared config, which DDP and the optimizer read, is untouched).
+   GroupedMLP wraps its activation closures in megatron's ``jit_fuser`` (``torch.compile``), which
+   on the CPU builds C++ kernels with inductor for ~15 s per process; in ``experts`` it is made the
+   identity (the eager activation computes the same values).
 
 Supported: megatron-core 0.16.x with torch >= 2.4 (tested with 0.16.1 and torch 2.13.0 CPU).
 """
@@ -55,6 +65,7 @@ def install(allow_untested_megatron: bool = False) -> None:
     _stub_torch_cuda()
     _patch_megatron_rng()
     _patch_megatron_moe()
+    _install_grouped_gemm()
     _STATE["installed"] = True
 
 
@@ -264,3 +275,39 @@ def _patch_megatron_moe() -> None:
         return forward(ctx, group, input, _as_int_list(output_split_sizes), _as_int_list(input_split_sizes))
 
     mappings._AllToAll.forward = staticmethod(forward_with_list_splits)
+
+
+# ---------------------------------------------------------------- 6. GroupedMLP on the CPU
+
+def gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes, trans_b: bool = False) -> torch.Tensor:
+    """``grouped_gemm.ops.gmm`` on the CPU: rows of ``a`` [tokens, k] are grouped by expert
+    (``batch_sizes[e]`` consecutive rows each) and group e is multiplied by ``b[e]`` ([k, n], or
+    [n, k] with ``trans_b``). Plain torch ops, so autograd gives the gradients of ``a`` and ``b``
+    (an expert with no rows gets a zero gradient, as with the CUDA kernel)."""
+    sizes = _as_int_list(batch_sizes)
+    if len(sizes) != b.shape[0] or sum(sizes) != a.shape[0]:
+        raise ValueError(f"gmm: batch_sizes {sizes} do not match a {list(a.shape)} and b {list(b.shape)}")
+    outs = [rows @ (b[e].t() if trans_b else b[e]) for e, rows in enumerate(torch.split(a, sizes))]
+    return torch.cat(outs) if outs else a.new_zeros(0, b.shape[1] if trans_b else b.shape[2])
+
+
+def _install_grouped_gemm() -> None:
+    import copy
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe import experts, grouped_gemm_util
+
+    if grouped_gemm_util.grouped_gemm is not None:
+        return  # the real package is importable: nothing to stand in for
+    package = SimpleNamespace(ops=SimpleNamespace(gmm=gmm))
+    grouped_gemm_util.grouped_gemm, grouped_gemm_util.ops = package, package.ops
+    init = experts.GroupedMLP.__init__
+
+    def init_with_cpu_dtypes(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if not self.config.bf16:
+            self.config = copy.copy(self.config)
+            self.config.bf16 = True
+
+    experts.GroupedMLP.__init__ = init_with_cpu_dtypes
+    experts.jit_fuser = lambda fn: fn  # read by GroupedMLP.__init__ only, when it builds its closures

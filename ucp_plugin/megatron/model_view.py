@@ -1,5 +1,7 @@
 """What one rank holds of a Megatron model, in the checkpoint language: for each local parameter its
-global (atom) name, split, global shape and the region of the atom its local tensor is.
+global (atom) name, split, global shape and the region of the atom its local tensor is; or, for a
+parameter made of several atoms' blocks (a ``Blocks`` split: megatron's legacy GroupedMLP), the
+segments of its local tensor and the atom region each one is (``plan.blocks``).
 
 The family's ``ModelSpec`` comes from a ``ModelConfig``; for a model built elsewhere (Megatron-LM)
 it is read off megatron's ``TransformerConfig`` (``infer_model_config``), except the unpadded vocabulary
@@ -15,9 +17,9 @@ import torch
 
 from ..errors import SpecError, UnsupportedError
 from ..format import Region
-from ..language import Fused, ModelSpec, Partitioned, Replicated, Split, VocabPartitioned
+from ..language import EXPERT, Blocks, Fused, ModelSpec, Partitioned, Replicated, Split, VocabPartitioned
 from ..models.config import ModelConfig
-from ..plan import region_for
+from ..plan import IDENTITY, TRANSPOSED, Segment, region_for
 from .build import family_module, name_offsets, unwrap
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ParamEntry:
     """One local parameter of this rank. ``tp_rank``/``tp`` are the (expert-)tensor-parallel
-    coordinates that split it; ``dp_rank``/``dp`` the data-parallel group that replicates it."""
+    coordinates that split it; ``dp_rank``/``dp`` the data-parallel group that replicates it.
+    A ``Blocks`` parameter is no atom itself: ``segments`` say which atoms its local tensor holds
+    (``global_shape``/``region`` then describe the local tensor as a whole)."""
     local_name: str
     global_name: str
     split: Split
@@ -39,6 +43,14 @@ class ParamEntry:
     dp: int
     expert: bool
     param: torch.nn.Parameter = field(compare=False, repr=False)
+    segments: tuple[Segment, ...] = ()
+
+    @property
+    def atoms(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """(name, shape) of every atom this parameter is read from."""
+        if self.segments:
+            return tuple((s.atom, s.shape) for s in self.segments)
+        return ((self.source, self.global_shape),)
 
     @property
     def source(self) -> str:
@@ -143,14 +155,19 @@ def param_entries(chunks: list, spec: ModelSpec, cfg: ModelConfig) -> list[Param
         gpt = unwrap(chunk)
         offsets = name_offsets(gpt, cfg)
         for local, param in gpt.named_parameters():
-            entries.append(_entry(spec, cfg, local, spec.to_global(local, offsets), param))
+            entries.append(_entry(spec, cfg, local, spec.to_global(local, offsets), param, offsets))
     return entries
 
 
-def _entry(spec: ModelSpec, cfg: ModelConfig, local: str, name: str, param) -> ParamEntry:
+def _entry(spec: ModelSpec, cfg: ModelConfig, local: str, name: str, param, offsets: dict) -> ParamEntry:
     rule = spec.rule_for(name)
     expert = ".experts." in name
     tp_rank, tp, dp_rank, dp = _groups(expert)
+    if isinstance(rule.split, Blocks):
+        segments = block_segments(name, rule.split, tuple(param.shape), _local_experts(cfg),
+                                  offsets.get(EXPERT, 0), tp_rank, tp)
+        return ParamEntry(local, name, rule.split, None, tuple(param.shape), Region.whole(tuple(param.shape)),
+                          tp_rank, tp, dp_rank, dp, expert, param, segments)
     shape = global_shape(name, rule.split, tuple(param.shape), tp, cfg.vocab)
     region = region_for(rule.split, shape, tp_rank, tp)
     if tuple(region.local_shape(shape)) != tuple(param.shape):
@@ -159,6 +176,32 @@ def _entry(spec: ModelSpec, cfg: ModelConfig, local: str, name: str, param) -> P
                         f"{list(param.shape)}; fix the model spec (or the ModelConfig: vocab/divisible_by)")
     return ParamEntry(local, name, rule.split, rule.tied_to, shape, region, tp_rank, tp, dp_rank, dp,
                       expert, param)
+
+
+def _local_experts(cfg: ModelConfig) -> int:
+    from megatron.core import parallel_state as ps
+
+    return (cfg.experts or 1) // ps.get_expert_model_parallel_world_size()
+
+
+def block_segments(name: str, split: Blocks, shape: tuple[int, ...], count: int, first: int, tp_rank: int,
+                   tp: int) -> tuple[Segment, ...]:
+    """The segments of a ``Blocks`` parameter of local ``shape``: block k is atom ``first + k``'s
+    TP-local region (its local tensor transposed when the split says so)."""
+    rows, cols = split.block_shape(name, shape, count)
+    local = (cols, rows) if split.transposed else (rows, cols)
+    order = TRANSPOSED if split.transposed else IDENTITY
+    segments = []
+    for k in range(count):
+        atom = split.atom_name(name, first + k)
+        atom_shape = global_shape(atom, split.inner, local, tp, 0)
+        region = region_for(split.inner, atom_shape, tp_rank, tp)
+        if tuple(region.local_shape(atom_shape)) != local:
+            raise SpecError(f"parameter {name!r}: block {k} should be the {list(local)} local tensor of "
+                            f"{atom!r}, but {split.inner} gives TP rank {tp_rank} of {tp} "
+                            f"{list(region.local_shape(atom_shape))}; fix the model spec's Blocks split")
+        segments.append(Segment(atom, atom_shape, region, k * rows * cols, order))
+    return tuple(segments)
 
 
 def dp_share(numel: int, dp_rank: int, dp: int) -> tuple[int, int]:

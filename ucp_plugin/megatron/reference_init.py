@@ -9,8 +9,14 @@ checkpoint language, so the language is tested against an independent reference.
 Vocabulary padding rows are set to zero at every layout: megatron pads to ``divisible_by * TP`` rows,
 so the padding differs between layouts, and it would otherwise hold layout-dependent random values.
 (Padded rows still enter the softmax: runs compare exactly only when the padded sizes agree.)
+
+A GroupedMLP model (``grouped_mlp=True``) gets the SequentialMLP reference's expert weights, laid out
+the way GroupedMLP's forward reads them (``grouped_shard``), so both expert layouts start from the
+same model and their losses can be compared.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -32,7 +38,8 @@ def full_reference_state(family: str, cfg: ModelConfig, seed: int, **overrides) 
     init_parallel_state(single)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    model = build_stage_model(family, cfg, single, **overrides)
+    # GroupedMLP initialises its tensors in another order: build the SequentialMLP (grouped_shard)
+    model = build_stage_model(family, replace(cfg, grouped_mlp=False), single, **overrides)
     state = {}
     for name, param in model.named_parameters():
         value = param.detach().clone()
@@ -74,6 +81,32 @@ def local_shard(global_name: str, param: torch.nn.Parameter, full: torch.Tensor)
     return megatron_shard(full, dim, param.partition_stride, rank, world)
 
 
+GROUPED = {"weight1": "linear_fc1.weight", "weight2": "linear_fc2.weight"}
+
+
+def grouped_shard(global_name: str, param: torch.nn.Parameter, state: dict, glu: bool) -> torch.Tensor:
+    """GroupedMLP's ``weight1``/``weight2`` of this rank from the SequentialMLP reference experts, as
+    megatron's GroupedMLP forward reads them: local expert k (global ep_rank * E + k) is block k of
+    the flat tensor; weight1's block is [hidden, 2*ffn/TP] = (this TP rank's [gate_r; up_r] rows of
+    the expert's fc1).T (the forward chunks its output columns into gate | up), weight2's block is
+    [ffn/TP, hidden] = (this TP rank's columns of the expert's fc2).T."""
+    from megatron.core import parallel_state as ps
+
+    module, which = global_name.rsplit(".", 1)
+    rank, world = _tp_rank_world(global_name)
+    count = ps.get_expert_model_parallel_world_size()
+    experts = sum(1 for n in state if n.startswith(f"{module}.local_experts.") and n.endswith(GROUPED[which]))
+    first = ps.get_expert_model_parallel_rank() * (experts // count)
+    blocks = []
+    for k in range(experts // count):
+        full = state[f"{module}.local_experts.{first + k}.{GROUPED[which]}"]
+        if which == "weight1":
+            blocks.append(megatron_shard(full, 0, 2 if glu else 1, rank, world).t().reshape(-1))
+        else:
+            blocks.append(megatron_shard(full, 1, 1, rank, world).t().reshape(-1))
+    return torch.cat(blocks).view(param.shape)
+
+
 @torch.no_grad()
 def copy_reference_shards(model, state: dict[str, torch.Tensor], spec: ModelSpec, cfg: ModelConfig) -> int:
     """Copy this rank's shard of ``state`` into ``model`` (before wrapping it in DDP); returns the
@@ -81,6 +114,10 @@ def copy_reference_shards(model, state: dict[str, torch.Tensor], spec: ModelSpec
     count = 0
     for global_name, param in global_named_parameters(model, spec, cfg):
         source = spec.rule_for(global_name).tied_to or global_name
+        if global_name.rsplit(".", 1)[-1] in GROUPED and source not in state:
+            param.copy_(grouped_shard(global_name, param, state, model.config.gated_linear_unit))
+            count += 1
+            continue
         if source not in state:
             raise StateMismatchError(f"parameter {global_name!r} (read from {source!r}) is not in the "
                                      "TP=PP=EP=1 reference model; the model spec and the stage model "

@@ -13,7 +13,7 @@ class ModelConfig:
     ``moe_ffn`` defaults to ``ffn``; ``experts`` = 0 means a dense MLP. ``divisible_by`` is Megatron's
     ``make-vocab-size-divisible-by`` (the embedding is padded to a multiple of it times TP).
     ``tied`` shares the output layer with the word embedding. ``grouped_mlp`` selects megatron's
-    GroupedMLP instead of SequentialMLP for the experts."""
+    GroupedMLP instead of SequentialMLP for the experts (both store the same per-expert atoms)."""
     hidden: int
     heads: int
     ffn: int

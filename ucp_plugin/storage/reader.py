@@ -14,7 +14,7 @@ import torch
 from ..errors import FormatError, StateMismatchError
 from ..format import MANIFEST, Atom, Manifest, Piece, Region
 from ..language import split_from_json
-from ..plan import apply, intersect, runs
+from ..plan import IDENTITY, TRANSPOSED, apply, intersect, runs, transposed_rects
 from .files import load_tree, open_tensors, read_latest, tensor_bytes
 
 
@@ -95,9 +95,14 @@ class Checkpoint:
         self._handles.clear()
 
     def read_fragment(self, name: str, state: str, region: Region, start: int, stop: int,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Local elements ``[start, stop)`` of ``region`` of atom ``name``'s ``state``. Padding
+                      dtype: torch.dtype = torch.float32, order: str = IDENTITY) -> torch.Tensor:
+        """Local elements ``[start, stop)`` of ``region`` of atom ``name``'s ``state``, the local
+        tensor taken in ``order`` (``plan.blocks``: "transposed" for a GroupedMLP block). Padding
         elements (vocabulary padding) are zero."""
+        if order == TRANSPOSED:
+            return self._read_transposed(name, state, region, start, stop, dtype)
+        if order != IDENTITY:
+            raise ValueError(f"reading {name!r}: unknown local order {order!r}")
         atom = self.atom(name)
         if state not in atom.states:
             raise StateMismatchError(f"parameter {name!r} has no state {state!r} in {self.path} "
@@ -118,6 +123,14 @@ class Checkpoint:
                               f"{target.total} elements asked for; the checkpoint is incomplete")
         if len(replicas) > 1:
             out.copy_(acc / len(replicas) if reduce == "average" else acc)
+        return out
+
+    def _read_transposed(self, name, state, region, start, stop, dtype) -> torch.Tensor:
+        """Each rectangle of the range read in canonical order, scattered with one strided copy."""
+        out = torch.zeros(stop - start, dtype=dtype)
+        for r in transposed_rects(region, self.atom(name).shape, start, stop):
+            rect = self.read_fragment(name, state, r.region, r.start, r.stop, dtype)
+            out.as_strided((r.cols, r.rows), (r.stride, 1), r.offset).copy_(rect.view(r.rows, r.cols).t())
         return out
 
     @staticmethod

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import FormatError
 from ..format import MANIFEST, Atom, FileEntry, Manifest, Piece, Region
+from ..plan import IDENTITY, TRANSPOSED, transposed_rects
 from . import faults
 from .files import atomic_write_text, chunk_digests, fsync_dir, save_tensors, save_tree, sha256_file, \
     write_latest
@@ -65,12 +66,32 @@ class ShardWriter:
         self._atoms[info.name] = info
 
     def add(self, atom: str, state: str, data: torch.Tensor, region: Region, start: int,
-            replica: int = 0) -> None:
-        """Store ``data`` (flattened) as local elements ``[start, start + numel)`` of ``region``."""
+            replica: int = 0, order: str = IDENTITY) -> None:
+        """Store ``data`` (flattened) as local elements ``[start, start + numel)`` of ``region``, in
+        ``order``. A transposed range is stored as one piece per rectangle (``transposed_rects``) in
+        the atom's canonical order, so readers never see the transposition; the atom must have been
+        declared (``add_atom``) first, for its shape."""
         flat = data.detach().reshape(-1).to("cpu", copy=True)
         key = f"{atom}/{state}/{replica}"
         if key in self._tensors:
             raise FormatError(f"rank {self.rank} wrote {atom!r} state {state!r} twice")
+        if order == IDENTITY:
+            self._piece(atom, state, key, flat, region, start, replica)
+            return
+        if order != TRANSPOSED:
+            raise ValueError(f"rank {self.rank}: atom {atom!r} written in unknown order {order!r}")
+        if atom not in self._atoms:
+            raise FormatError(f"rank {self.rank}: atom {atom!r} written transposed before add_atom declared "
+                              "its shape; call add_atom first")
+        rects = transposed_rects(region, self._atoms[atom].shape, start, start + flat.numel())
+        for i, r in enumerate(rects):
+            rect = flat.new_empty(r.rows * r.cols)  # fresh, so contiguous with unit stride
+            block = flat.as_strided((r.cols, r.rows), (r.stride, 1), flat.storage_offset() + r.offset)
+            rect.view(r.rows, r.cols).copy_(block.t())
+            self._piece(atom, state, key if i == 0 else f"{key}/{i}", rect, r.region, r.start, replica)
+
+    def _piece(self, atom: str, state: str, key: str, flat: torch.Tensor, region: Region, start: int,
+               replica: int) -> None:
         self._tensors[key] = flat
         chunk = chunk_size(flat.numel())
         self._pieces.append({"atom": atom, "piece": Piece(
