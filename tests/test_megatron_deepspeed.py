@@ -40,6 +40,10 @@ RUNS = [
     ("mg:llama:tp2dp2->ds:tp1dp4z1", "ds_load", "llama", dict(tp=1, dp=4, zero_stage=1), "mg:llama:tp2dp2", {}),
     ("ds:gpt:tp2dp2z2", "ds_save", "gpt", dict(tp=2, dp=2, zero_stage=2), None, {}),
     ("ds:gpt:tp2dp2z2->tp1dp4z1", "ds_load", "gpt", dict(tp=1, dp=4, zero_stage=1), "ds:gpt:tp2dp2z2", {}),
+    ("ds:llama:tp2dp2z1->tp2dp2z3", "ds_load", "llama", dict(tp=2, dp=2, zero_stage=3), "ds:llama:tp2dp2z1", {}),
+    ("ds:llama:tp2dp2z3", "ds_save", "llama", dict(tp=2, dp=2, zero_stage=3), None, {}),
+    ("ds:llama:tp2dp2z3->tp1dp4z1", "ds_load", "llama", dict(tp=1, dp=4, zero_stage=1), "ds:llama:tp2dp2z3", {}),
+    ("ds:gpt:tp2dp2z2->tp2dp1z3", "ds_load", "gpt", dict(tp=2, dp=1, zero_stage=3), "ds:gpt:tp2dp2z2", {}),
     ("ds:gpt:bf16:tp2dp2z1", "ds_save", "gpt", dict(tp=2, dp=2, zero_stage=1, bf16=True), None, {}),
     ("ds:gpt:bf16:tp2dp2z1->tp1dp4z2", "ds_load", "gpt", dict(tp=1, dp=4, zero_stage=2, bf16=True),
      "ds:gpt:bf16:tp2dp2z1", {}),
@@ -48,7 +52,6 @@ TRANSITIONS = [r[0] for r in RUNS if r[4] is not None]
 # (name, family, megatron layout, ZeRO stage, where refused, message). Sequence parallelism and MoE
 # show only on the model, which DeepSpeed's sanity check (at initialize) does not see yet.
 REFUSED = [("pp2", "llama", dict(pp=2, dp=2), 1, "initialize", "pipeline parallelism of a megatron-core model"),
-           ("zero3", "llama", dict(tp=2, dp=2), 3, "initialize", "ZeRO-3 with a megatron-core model"),
            ("sp", "llama", dict(tp=2, sp=True, dp=2), 1, "save", "sequence parallelism of a megatron-core model"),
            ("moe", "mixtral", dict(dp=4), 1, "save", "MoE layers of a megatron-core model")]
 

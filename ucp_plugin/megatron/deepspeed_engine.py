@@ -18,10 +18,11 @@ Importing this module registers ``MegatronBinding`` with the DeepSpeed adapter: 
 ``model_view`` computes, written by the rank the split designates (TP rank 0 for a replicated
 parameter), vocabulary padding rows going to the ``@vocab_padding`` companion atom.
 
-Supported: TP x DP, ZeRO stages 0-2, fp32 and bf16. Refused (``problems``): pipeline parallelism
+Supported: TP x DP, ZeRO stages 0-3, fp32 and bf16. Refused (``problems``): pipeline parallelism
 (a DeepSpeed engine cannot drive megatron-core's pipeline schedule), MoE/expert parallelism and
 sequence parallelism (a DeepSpeed engine does not reduce their gradients over the groups megatron
-does), and ZeRO-3 (not tested with megatron-core's layers).
+does). PP and EP are refused at ``deepspeed.initialize``; SP and MoE show only on the model, which
+the engine has not yet wrapped then, so they are refused at the first save or load.
 """
 from __future__ import annotations
 
@@ -165,8 +166,6 @@ class MegatronBinding:
                          "ucp_plugin.megatron.checkpoint for PP)")
         if ps.get_expert_model_parallel_world_size() > 1:
             found.append("expert parallelism of a megatron-core model in a DeepSpeed engine")
-        if engine.zero_optimization_stage() == 3:
-            found.append("ZeRO-3 with a megatron-core model (use stage 0, 1 or 2)")
         module = getattr(engine, "module", None)
         config = getattr(unwrap(module), "config", None) if module is not None else None
         if config is not None and config.sequence_parallel:

@@ -11,6 +11,7 @@ caller or from Megatron-LM's arguments / tokenizer.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,10 @@ class ParamEntry:
         return ((self.source, self.global_shape),)
 
     @property
+    def local_shape(self) -> tuple[int, ...]:
+        return shape_of(self.param)
+
+    @property
     def source(self) -> str:
         """The atom this parameter is read from (a tied output layer reads the embedding's)."""
         return self.tied_to or self.global_name
@@ -62,9 +67,15 @@ class ParamEntry:
         """Elements of the local tensor that belong to the atom: vocabulary padding rows (the last
         rows of a dim-0 region) are excluded, so they are never written."""
         if not self.region.pad or self.region.dim != 0:
-            return self.param.numel()
+            return math.prod(self.local_shape)
         rows = sum(e - s for s, e in self.region.intervals)
-        return rows * (self.param.numel() // self.param.shape[0])
+        return rows * math.prod(self.local_shape[1:])
+
+
+def shape_of(param) -> tuple[int, ...]:
+    """A local parameter's shape; DeepSpeed ZeRO-3 empties partitioned parameters and keeps their
+    shape in ``ds_shape``."""
+    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def infer_family(tconfig) -> str:
@@ -164,16 +175,16 @@ def _entry(spec: ModelSpec, cfg: ModelConfig, local: str, name: str, param, offs
     expert = ".experts." in name
     tp_rank, tp, dp_rank, dp = _groups(expert)
     if isinstance(rule.split, Blocks):
-        segments = block_segments(name, rule.split, tuple(param.shape), _local_experts(cfg),
+        segments = block_segments(name, rule.split, shape_of(param), _local_experts(cfg),
                                   offsets.get(EXPERT, 0), tp_rank, tp)
-        return ParamEntry(local, name, rule.split, None, tuple(param.shape), Region.whole(tuple(param.shape)),
+        return ParamEntry(local, name, rule.split, None, shape_of(param), Region.whole(shape_of(param)),
                           tp_rank, tp, dp_rank, dp, expert, param, segments)
-    shape = global_shape(name, rule.split, tuple(param.shape), tp, cfg.vocab)
+    shape = global_shape(name, rule.split, shape_of(param), tp, cfg.vocab)
     region = region_for(rule.split, shape, tp_rank, tp)
-    if tuple(region.local_shape(shape)) != tuple(param.shape):
+    if tuple(region.local_shape(shape)) != shape_of(param):
         raise SpecError(f"parameter {name!r}: the {spec.family} spec's split {rule.split} gives TP rank "
                         f"{tp_rank} of {tp} a {list(region.local_shape(shape))} tensor, megatron built "
-                        f"{list(param.shape)}; fix the model spec (or the ModelConfig: vocab/divisible_by)")
+                        f"{list(shape_of(param))}; fix the model spec (or the ModelConfig: vocab/divisible_by)")
     return ParamEntry(local, name, rule.split, rule.tied_to, shape, region, tp_rank, tp, dp_rank, dp,
                       expert, param)
 

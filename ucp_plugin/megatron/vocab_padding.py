@@ -12,6 +12,7 @@ extra (both logged: the model then differs from the saved one by those padding l
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -33,13 +34,13 @@ def atom_name(name: str) -> str:
 
 def atom_shape(e: ParamEntry) -> tuple[int, ...]:
     """[padded rows of this layout - vocab, ...]."""
-    return (e.param.shape[0] * e.tp - e.global_shape[0], *e.global_shape[1:])
+    return (e.local_shape[0] * e.tp - e.global_shape[0], *e.global_shape[1:])
 
 
 def rows(e: ParamEntry) -> tuple[int, int]:
     """Rows [lo, hi) of the padding atom that are this rank's local padding rows (its last rows)."""
     real_rows = sum(hi - lo for lo, hi in e.region.intervals)
-    lo = e.tp_rank * e.param.shape[0] + real_rows - e.global_shape[0]
+    lo = e.tp_rank * e.local_shape[0] + real_rows - e.global_shape[0]
     return lo, lo + e.region.pad
 
 
@@ -65,7 +66,7 @@ def overlay(ck, e: ParamEntry, state: str, start: int, out: torch.Tensor) -> Non
     reg = region(e, atom.shape[0])
     if reg is None:
         return
-    inner = e.param.numel() // e.param.shape[0]
+    inner = math.prod(e.local_shape[1:])
     saved = (reg.intervals[0][1] - reg.intervals[0][0]) * inner
     lo, hi = max(start, real) - real, min(stop - real, saved)
     if hi > lo:
