@@ -2,7 +2,8 @@
 
 Writes a synthetic transformer-shaped checkpoint as layout A (every rank's shard written in turn,
 as the ranks would), then reads every fragment of layout B and prints, per target layout: bytes the
-target ranks need, bytes actually read from disk, the ratio, and read throughput.
+target ranks need, bytes actually read from disk, the ratio, and read throughput, with chunk
+verification (whole chunks are fetched) and without (exactly the needed elements are fetched).
 
     python benchmarks/reshard_io.py --hidden 512 --layers 4
 """
@@ -61,12 +62,12 @@ def write(root: str, model, tp: int, dp: int) -> float:
     return time.perf_counter() - t0
 
 
-def read_all(path: str, model, tp: int, dp: int) -> tuple[int, int, float]:
+def read_all(path: str, model, tp: int, dp: int, verify: bool) -> tuple[int, int, float]:
     needed = read = 0
     t0 = time.perf_counter()
     for t in range(tp):
         for d in range(dp):
-            ck = Checkpoint.open(path)
+            ck = Checkpoint.open(path, verify)
             for name, shape, split in model:
                 region = region_for(split, shape, t, tp)
                 a, b = ranges(local_numel(region, shape), dp)[d]
@@ -90,9 +91,11 @@ def main() -> None:
         print(f"model: {numel / 1e6:.1f}M params x {len(STATES)} fp32 states = "
               f"{numel * 12 / 2**20:.0f} MiB; wrote TP2·DP4 in {secs:.2f}s")
         for tp, dp in [(2, 4), (2, 3), (1, 4), (4, 2), (4, 3), (1, 1)]:
-            needed, got, secs = read_all(f"{root}/ck", model, tp, dp)
-            print(f"  read as TP{tp}·DP{dp}: needed {needed / 2**20:7.1f} MiB, read {got / 2**20:7.1f} MiB "
-                  f"(x{got / needed:.3f}), {needed / 2**20 / secs:7.1f} MiB/s")
+            for verify in (True, False):
+                needed, got, secs = read_all(f"{root}/ck", model, tp, dp, verify)
+                print(f"  read as TP{tp}·DP{dp} ({'verified' if verify else 'verify=False'}): needed "
+                      f"{needed / 2**20:7.1f} MiB, read {got / 2**20:7.1f} MiB (x{got / needed:.3f}), "
+                      f"{needed / 2**20 / secs:7.1f} MiB/s")
     finally:
         shutil.rmtree(root)
 

@@ -161,7 +161,7 @@ def apply(plan: CopyPlan, src, dst, src_base: int = 0) -> None:
         d_idx = _expand(plan.dst, plan.length)
         if hasattr(dst, "index_copy_"):
             import torch
-            dst[torch.from_numpy(d_idx)] = src[torch.from_numpy(s_idx)]
+            dst[torch.from_numpy(d_idx)] = src[torch.from_numpy(s_idx)].to(dst.dtype)
         else:
             dst[d_idx] = src[s_idx]
         return

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -70,6 +71,59 @@ def open_tensors(path: str):
     except Exception as e:  # safetensors raises its own error types; all mean "corrupt"
         raise FormatError(f"{path}: not a readable safetensors file ({e}); the file is truncated or "
                           "corrupt — re-save the checkpoint") from None
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class MappedTensors:
+    """A safetensors file mapped copy-on-write: ``flat(key)`` is a zero-copy 1-D view of one tensor,
+    so a reader copies exactly the elements it needs and the OS reads only the pages they lie on.
+    The header is checked (dtypes, bounds, sizes) before any view is made; the mapping keeps the
+    file's inode alive even if the folder is replaced later."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise FormatError(f"{path}: tensor file is missing; the checkpoint is incomplete — re-save it or "
+                              "restore the file")
+        self.path, size = path, os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n <= size - 8:
+                    raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            self._entries = {k: self._entry(k, v, size - 8 - n) for k, v in header.items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise FormatError(f"{path}: not a readable safetensors file ({e}); the file is truncated or "
+                              "corrupt — re-save the checkpoint") from None
+        self._base = 8 + n
+        self._map = np.memmap(path, dtype=np.uint8, mode="c") if self._entries else None
+
+    @staticmethod
+    def _entry(key: str, info: dict, data_bytes: int) -> tuple[torch.dtype, int, int]:
+        dtype = _DTYPES[info["dtype"]]
+        begin, end = (int(x) for x in info["data_offsets"])
+        numel = 1
+        for d in info["shape"]:
+            numel *= int(d)
+        if not 0 <= begin <= end <= data_bytes or end - begin != numel * torch.empty(0, dtype=dtype).element_size():
+            raise ValueError(f"tensor {key!r} lies outside the file or has the wrong size")
+        return dtype, begin, end
+
+    def flat(self, key: str) -> torch.Tensor:
+        if key not in self._entries:
+            raise FormatError(f"{self.path}: has no tensor {key!r}; the file is corrupt or from another "
+                              "checkpoint — re-save it")
+        dtype, begin, end = self._entries[key]
+        raw = torch.from_numpy(self._map[self._base + begin:self._base + end])
+        size = torch.empty(0, dtype=dtype).element_size()
+        if (self._base + begin) % size:  # unaligned (not written by safetensors' own writer): copy once
+            raw = raw.clone()
+        return raw.view(dtype)
 
 
 def save_tree(stem: str, obj) -> list[str]:

@@ -15,7 +15,7 @@ from ..errors import FormatError, StateMismatchError
 from ..format import MANIFEST, Atom, Manifest, Piece, Region
 from ..language import split_from_json
 from ..plan import IDENTITY, TRANSPOSED, apply, intersect, runs, transposed_rects
-from .files import load_tree, open_tensors, read_latest, tensor_bytes
+from .files import MappedTensors, load_tree, read_latest, tensor_bytes
 
 
 def _inode(folder: str) -> int | None:
@@ -88,7 +88,7 @@ class Checkpoint:
 
     def _handle(self, rel: str):
         if rel not in self._handles:
-            self._handles[rel] = open_tensors(os.path.join(self.path, rel))
+            self._handles[rel] = MappedTensors(os.path.join(self.path, rel))
         return self._handles[rel]
 
     def close(self) -> None:
@@ -148,18 +148,27 @@ class Checkpoint:
             plan = intersect(target, runs(piece.region, atom.shape, piece.start, piece.stop))
             if not len(plan):
                 continue
-            for lo, hi, part in plan.read_spans(piece.chunk_elems, piece.stop - piece.start):
-                apply(part, self._read(piece, lo, hi, out.dtype), out, src_base=lo)
+            if self.verify:  # a chunk's hash covers the whole chunk: fetch every chunk a copy touches
+                for lo, hi, part in plan.read_spans(piece.chunk_elems, piece.stop - piece.start):
+                    apply(part, self._read(piece, lo, hi, out.dtype), out, src_base=lo)
+            else:  # copy straight out of the mapping: exactly the elements needed are fetched
+                data = self._read(piece, 0, piece.stop - piece.start, None)
+                apply(plan, data, out)
+                self.bytes_read += plan.total * data.element_size()
             filled += plan.total
         return filled
 
-    def _read(self, piece: Piece, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
-        handle = self._handle(piece.file)
-        try:
-            data = handle.get_slice(piece.key)[lo:hi]
-        except Exception as e:  # missing key or truncated data
-            raise FormatError(f"{os.path.join(self.path, piece.file)}: cannot read {piece.key!r} ({e}); "
-                              "the file is corrupt or from another checkpoint — re-save it") from None
+    def _read(self, piece: Piece, lo: int, hi: int, dtype: torch.dtype | None) -> torch.Tensor:
+        """Elements [lo, hi) of a piece; ``dtype=None``: a zero-copy view, not counted as fetched (the
+        caller counts what it copies out of it)."""
+        data = self._handle(piece.file).flat(piece.key)
+        if data.numel() != piece.stop - piece.start:
+            raise FormatError(f"{os.path.join(self.path, piece.file)}: {piece.key!r} holds {data.numel()} "
+                              f"elements, the manifest says {piece.stop - piece.start}; the file is from "
+                              "another checkpoint — re-save it")
+        if dtype is None:
+            return data
+        data = data[lo:hi]
         self.bytes_read += data.numel() * data.element_size()
         if self.verify:
             self._check_chunks(piece, data, lo)

@@ -1,0 +1,51 @@
+"""What the reader fetches: exactly the elements a fragment needs without verification, whole
+verification chunks with it (row-parallel resharding is the worst case: every row is a short run)."""
+import torch
+
+from ucp_plugin.format import Atom, Layout
+from ucp_plugin.language import Partitioned
+from ucp_plugin.plan import local_numel, region_for
+from ucp_plugin.session import SaveHeader
+from ucp_plugin.storage import Checkpoint, ShardWriter, commit, prepare_staging
+
+SHAPE, SPLIT = (200, 96), Partitioned(1)  # a row-parallel weight: 200 rows, columns split over TP
+
+
+def _write(root: str, dtype: torch.dtype) -> torch.Tensor:
+    full = torch.randn(SHAPE).to(dtype)
+    staging = prepare_staging(root, ".stage")
+    for rank in range(2):
+        w = ShardWriter(staging, rank)
+        w.add_atom(Atom("w", "param", SHAPE, SPLIT.to_json(), {"fp32": str(dtype).split(".")[1]}, {}))
+        w.add("w", "fp32", full[:, rank * 48:(rank + 1) * 48], region_for(SPLIT, SHAPE, rank, 2), 0)
+        w.finish()
+    header = SaveHeader("test", "1", "none", "0", Layout(tp=2))
+    commit(root, staging, "ck", 2, header.manifest())
+    return full
+
+
+def _read_tp4(path: str, verify: bool) -> tuple[list[torch.Tensor], int, int]:
+    ck = Checkpoint.open(path, verify)
+    parts, needed = [], 0
+    for rank in range(4):
+        region = region_for(SPLIT, SHAPE, rank, 4)
+        n = local_numel(region, SHAPE)
+        parts.append(ck.read_fragment("w", "fp32", region, 0, n, torch.float32).view(200, 24))
+        needed += n
+    return parts, needed, ck.bytes_read
+
+
+def test_unverified_reads_fetch_exactly_what_is_needed(tmp_path):
+    for dtype in (torch.float32, torch.bfloat16):
+        root = tmp_path / str(dtype)
+        root.mkdir()
+        full = _write(str(root), dtype)
+        size = torch.empty(0, dtype=dtype).element_size()
+        exact, needed, fetched = _read_tp4(str(root / "ck"), verify=False)
+        for rank, part in enumerate(exact):
+            assert torch.equal(part, full[:, rank * 24:(rank + 1) * 24].float())
+        assert fetched == needed * size
+        checked, _, fetched_verified = _read_tp4(str(root / "ck"), verify=True)
+        assert all(torch.equal(a, b) for a, b in zip(exact, checked))
+        # verification fetches whole chunks: each TP4 rank reads half of every TP2 row
+        assert needed * size < fetched_verified <= 2 * needed * size
