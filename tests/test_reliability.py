@@ -35,6 +35,9 @@ def test_kill_at_any_point_keeps_previous_checkpoint(tmp_path, point):
     assert os.path.exists(os.path.join(root, "step2")) == committed
     if committed:
         assert verify(os.path.join(root, "step2")) == []
+    # the next save sweeps the killed save's staging folder (its owner process is gone)
+    run_workers(2, f"{W}:save_tp", {"root": root, "tag": "step3", "step": 3})
+    assert [n for n in os.listdir(root) if ".staging-" in n] == [] and read_latest(root) == "step3"
 
 
 def test_one_rank_error_raises_everywhere(tmp_path):

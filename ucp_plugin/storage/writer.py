@@ -22,6 +22,7 @@ from ..errors import FormatError
 from ..format import MANIFEST, Atom, FileEntry, Manifest, Piece, Region
 from ..plan import IDENTITY, TRANSPOSED, transposed_rects
 from . import faults
+from .stale import owner_suffix, sweep
 from .files import atomic_write_text, chunk_digests, fsync_dir, save_tensors, save_tree, sha256_file, \
     write_latest
 
@@ -37,7 +38,9 @@ SHARDS, INDEX, STATE = "shards", "index", "state"
 
 
 def staging_name(tag: str) -> str:
-    return f".{tag}.staging-{uuid.uuid4().hex[:8]}"
+    """Hidden, unique, and naming its owner (rank 0's pid and host) so ``stale.sweep`` can tell a
+    dead save's folder from a live one."""
+    return f".{tag}.staging-{uuid.uuid4().hex[:8]}-{owner_suffix()}"
 
 
 def prepare_staging(root: str, name: str) -> str:
@@ -161,6 +164,7 @@ def commit(root: str, staging: str, tag: str, world_size: int, header: Manifest,
     faults.point("before_latest", 0)
     if update_latest:
         write_latest(root, tag)
+    sweep(root)
     return final
 
 
