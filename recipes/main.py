@@ -50,13 +50,13 @@ FAMILIES = {
                       LLAMA_FLAGS + ("--num-experts", "4", "--moe-router-topk", "2")),
 }
 MEGATRON_AXES = {"tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
-                 "ep": "--expert-model-parallel-size"}
+                 "ep": "--expert-model-parallel-size", "etp": "--expert-tensor-parallel-size"}
 
 
 def _axes(layout: str) -> dict[str, int]:
     out = {}
     for token in layout.lower().split("-"):
-        for axis in ("dp", "tp", "pp", "ep"):
+        for axis in ("dp", "etp", "tp", "pp", "ep"):
             if token.startswith(axis) and token[len(axis):].isdigit():
                 out[axis] = int(token[len(axis):])
     return out

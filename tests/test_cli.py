@@ -65,6 +65,10 @@ def test_validate_exit_codes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "NOT loadable on TP4·PP1·DP1" in out and "fused part of size 2 is not divisible by TP=4" in out
     assert "nearest valid layouts: TP2·PP1·DP2" in out
+    # the fused atom "w" is no expert parameter: an ETP does not change its TP check
+    assert main(["validate", str(tmp_path), "--tp", "2", "--dp", "2", "--etp", "1"]) == 0
+    assert main(["validate", str(tmp_path), "--tp", "2", "--dp", "1", "--ep", "2", "--etp", "2"]) == 1
+    assert "EP=2 must divide DP=1" in capsys.readouterr().out
 
 
 def test_bad_path_is_exit_2(tmp_path, capsys):

@@ -31,6 +31,21 @@ def test_manifest_round_trip_and_version():
         Manifest.from_json("{", "x/ucp.json")
 
 
+def test_layout_etp_is_optional_and_round_trips():
+    """``etp`` (expert-tensor-parallel size) was added in 1.0's lifetime: a manifest without it reads
+    as ETP = TP; one with it keeps it; a bad value is a FormatError naming it."""
+    m = Manifest(Writer("a", "1", "0.1"), Layout(tp=2, dp=2, ep=2, etp=1), ())
+    assert Manifest.from_json(m.to_json()).layout == Layout(tp=2, dp=2, ep=2, etp=1)
+    assert m.layout.describe() == "TP2·PP1·DP2·EP2·ETP1 ZeRO-0 float32"
+    old = json.loads(m.to_json())
+    del old["layout"]["etp"]
+    layout = Manifest.from_json(json.dumps(old)).layout
+    assert layout.etp is None and layout.expert_tp == 2 and "ETP" not in layout.describe()
+    old["layout"]["etp"] = 0
+    with pytest.raises(FormatError, match="bad layout: layout etp must be null"):
+        Manifest.from_json(json.dumps(old), "x/ucp.json")
+
+
 def write_tp2_dp2(root, tag="step1"):
     """Simulate 4 ranks (TP2 x DP2) each writing its ZeRO-like half of its TP shard."""
     shape, split = (6, 4), Fused(0, (2, 4))

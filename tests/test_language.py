@@ -3,7 +3,7 @@ import pytest
 
 from ucp_plugin.errors import FormatError, LayoutError, SpecError
 from ucp_plugin.language import (EXPERT, PIPELINE, Fused, ModelSpec, Partitioned, Placement, Replicated, Rule,
-                                 VocabPartitioned, split_from_json)
+                                 VocabPartitioned, check_expert_grid, split_from_json, tensor_parallel_for)
 
 SPEC = ModelSpec("toy", (
     Rule(r"embedding\.word_embeddings\.weight", VocabPartitioned(0, 8)),
@@ -42,6 +42,29 @@ def test_layout_checks_name_the_reason_and_valid_choices():
         SPEC.check_layout(4, 1, 1, {"decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight": (12, 4)})
     SPEC.check_layout(3, 1, 1, {"embedding.word_embeddings.weight": (37, 4)})  # vocab padding: any TP
     Partitioned(1).check("linear_fc2.weight", (4, 8), 2)  # no groups: only the dim must divide
+
+
+def test_expert_parameters_are_checked_against_etp():
+    """With an expert-tensor-parallel size, expert parameters are split by ETP and named so in the
+    message; everything else (the router too) by TP."""
+    fc1 = {"decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight": (12, 4)}
+    SPEC.check_layout(4, 1, 1, fc1, etp=2)  # TP=4 would not divide the 6-row parts; ETP=2 does
+    with pytest.raises(LayoutError, match=r"fused part of size 6 is not divisible by ETP=4; "
+                                          r"valid ETP sizes: \[1, 2, 3, 6\]"):
+        SPEC.check_layout(1, 1, 1, fc1, etp=4)
+    assert tensor_parallel_for("decoder.layers.0.mlp.router.weight", 2, 1) == ("TP", 2)
+    assert tensor_parallel_for("decoder.layers.0.mlp.shared_experts.linear_fc1.weight", 2, 1) == ("TP", 2)
+    assert tensor_parallel_for("decoder.layers.0.mlp.experts.weight1", 2, 1) == ("ETP", 1)
+    assert tensor_parallel_for("decoder.layers.0.mlp.experts.weight1", 2, None) == ("TP", 2)
+
+
+def test_expert_grid_follows_megatron():
+    """ETP x EP must divide TP x DP (megatron: world % (ETP*EP*PP) == 0); with ETP = TP: EP | DP."""
+    check_expert_grid(tp=2, dp=1, ep=2, etp=1)  # TP2 with ETP1 makes room for EP2 on 2 ranks
+    with pytest.raises(LayoutError, match=r"EP=2 must divide DP=1.*set ETP \(etp\) to one of \[1\]"):
+        check_expert_grid(tp=2, dp=1, ep=2)
+    with pytest.raises(LayoutError, match=r"ETP=4 x EP=2 must divide TP x DP = 4.*valid ETP at EP=2: \[1, 2\]"):
+        check_expert_grid(tp=2, dp=2, ep=2, etp=4)
 
 
 def test_splits_validate_and_round_trip():

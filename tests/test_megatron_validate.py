@@ -94,7 +94,22 @@ def test_valid_layouts_pass_and_sizes_are_the_whole_models():
         validate_layout(manifest(family), MegatronLayout(**layout))
     spec = model_spec("mixtral", MODELS["mixtral"])
     shapes = {a.name: a.shape for a in manifest("mixtral").atoms if "@" not in a.name}
-    assert valid_sizes(spec, shapes) == {"TP": [1, 2], "PP": [1, 2, 3, 4], "EP": [1, 2, 4]}
+    assert valid_sizes(spec, shapes) == {"TP": [1, 2], "PP": [1, 2, 3, 4], "EP": [1, 2, 4],
+                                         "ETP": [1, 2, 4, 5, 8, 10, 20, 40]}
+
+
+def test_etp_checks_the_experts_and_tp_the_rest():
+    """moe_ffn=40 takes ETP 4 while the 2 query groups refuse TP 4; ETP 3 is refused naming ETP."""
+    validate_layout(manifest("mixtral"), MegatronLayout(tp=2, sp=True, dp=4, ep=2, etp=4))
+    validate_layout(manifest("mixtral"), Layout(tp=2, dp=2, ep=2, etp=1))
+    msg = _refused("mixtral", dp=3, etp=3)
+    assert "cannot be loaded at TP=1 PP=1 EP=1 ETP=3" in msg and "moe_ffn=40" in msg
+    assert "fused part of size 40 is not divisible by ETP=3" in msg
+    assert "ETP in [1, 2, 4, 5, 8, 10, 20, 40]" in msg
+
+
+def test_etp_on_a_dense_model_is_refused():
+    assert "ETP=1 needs a Mixture-of-Experts model" in _refused("llama", tp=2, etp=1)
 
 
 def test_reads_only_the_manifest(tmp_path):

@@ -40,7 +40,8 @@ def megatron_parser() -> argparse.ArgumentParser:
                           ("--train-iters", 10), ("--save-interval", None), ("--seed", 1234),
                           ("--make-vocab-size-divisible-by", 128),
                           ("--decoder-first-pipeline-num-layers", None),
-                          ("--decoder-last-pipeline-num-layers", None), ("--zero-stage", 1)):
+                          ("--decoder-last-pipeline-num-layers", None), ("--zero-stage", 1),
+                          ("--expert-tensor-parallel-size", None)):
         a(flag, type=int, default=default)
     a("--lr", type=float, default=1e-3)
     a("--weight-decay", type=float, default=0.01)
@@ -71,6 +72,7 @@ def configs(args, world_size: int):
                       tied=not args.untie_embeddings_and_output_weights, experts=args.num_experts or 0,
                       topk=args.moe_router_topk, grouped_mlp=args.moe_grouped_gemm, seq_length=args.seq_length)
     layout = MegatronLayout(tp=tp, pp=pp, dp=world_size // (tp * pp), ep=args.expert_model_parallel_size,
+                            etp=args.expert_tensor_parallel_size,
                             sp=args.sequence_parallel,
                             optimizer="distributed" if args.use_distributed_optimizer else "ddp",
                             first_stage_layers=args.decoder_first_pipeline_num_layers,
@@ -122,9 +124,10 @@ class DeepSpeedTrainer:
     def __init__(self, family, cfg, layout, settings, zero_stage: int):
         from ucp_plugin.megatron.deepspeed_harness import EngineLayout, setup_engine
 
-        if layout.pp > 1 or layout.ep > 1 or layout.sp:
+        if layout.pp > 1 or layout.ep > 1 or layout.sp or layout.etp is not None:
             raise SystemExit("--deepspeed runs TP x DP only: drop --pipeline-model-parallel-size, "
-                             "--expert-model-parallel-size and --sequence-parallel")
+                             "--expert-model-parallel-size, --expert-tensor-parallel-size and "
+                             "--sequence-parallel")
         engine_layout = EngineLayout(tp=layout.tp, dp=layout.dp, zero_stage=zero_stage, bf16=settings.bf16)
         self.settings, self.engine = settings, setup_engine(family, cfg, engine_layout, settings)
 

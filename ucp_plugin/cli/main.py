@@ -45,7 +45,8 @@ def _export(args) -> int:
 
 def _validate(args) -> int:
     from ..tools.validate import validate
-    verdict = validate(args.path, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, zero_stage=args.zero_stage)
+    verdict = validate(args.path, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, zero_stage=args.zero_stage,
+                       etp=args.etp)
     print(verdict.render())
     return 0 if verdict.ok else 1
 
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     for flag in ("tp", "pp", "dp", "ep"):
         s.add_argument(f"--{flag}", type=int, default=1)
+    s.add_argument("--etp", type=int, default=None,
+                   help="expert-tensor-parallel size of megatron-core's expert layers (default: TP)")
     s.add_argument("--zero-stage", type=int, default=None)
     s.set_defaults(fn=_validate)
     return p

@@ -23,7 +23,9 @@ def dtype_name(dtype) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """The parallel layout that wrote (or will read) a checkpoint."""
+    """The parallel layout that wrote (or will read) a checkpoint. ``etp`` is the expert layers'
+    tensor-parallel size (megatron-core's ``expert_tensor_parallel_size``); None means TP (and is
+    what manifests written before the field existed decode to)."""
     tp: int = 1
     pp: int = 1
     dp: int = 1
@@ -33,11 +35,14 @@ class Layout:
     param_dtype: str = "float32"
     master_dtype: str = "float32"
     layers_per_stage: tuple[int, ...] | None = None
+    etp: int | None = None
 
     def __post_init__(self):
         for k in ("tp", "pp", "dp", "ep"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"layout {k} must be a positive integer, not {getattr(self, k)!r}")
+        if self.etp is not None and (not isinstance(self.etp, int) or self.etp < 1):
+            raise ValueError(f"layout etp must be null (= tp) or a positive integer, not {self.etp!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"layout zero_stage must be 0, 1, 2 or 3, not {self.zero_stage!r}")
         if self.layers_per_stage is not None and len(self.layers_per_stage) != self.pp:
@@ -47,9 +52,14 @@ class Layout:
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
     def describe(self) -> str:
         parts = [f"TP{self.tp}", f"PP{self.pp}", f"DP{self.dp}"]
         parts += [f"EP{self.ep}"] if self.ep > 1 else []
+        parts += [f"ETP{self.etp}"] if self.expert_tp != self.tp else []
         parts += ["SP"] if self.sp else []
         return "·".join(parts) + f" ZeRO-{self.zero_stage} {self.param_dtype}"
 

@@ -5,6 +5,11 @@ Vocabulary: a *local name* is what ``model.named_parameters()`` says on one rank
 indices local to its pipeline stage / expert-parallel rank); a *global name* is the atom's name, as a
 single-rank model would call it. Every parameter must match exactly one rule: an unmatched or
 doubly matched parameter is a SpecError naming it. There is no silent default.
+
+An *expert parameter* is one inside a Mixture-of-Experts layer's ``experts`` module (``is_expert``).
+Megatron-core splits those over its expert-tensor-parallel ranks (ETP, by default as many as TP) and
+every other parameter over TP; ``tensor_parallel_for`` says which size splits a parameter, and every
+layout check goes through ``check_split`` so the two cannot drift apart.
 """
 from __future__ import annotations
 
@@ -13,10 +18,14 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from ..errors import LayoutError, SpecError
-from .splits import Split
+from .splits import Split, _divisors
 
 PIPELINE = "pp"
 EXPERT = "ep"
+# megatron-core names every routed expert's parameters under a module called "experts" (SequentialMLP
+# "mlp.experts.local_experts.K.", TEGroupedMLP / GroupedMLP "mlp.experts."); the router
+# ("mlp.router") and shared experts ("mlp.shared_experts") are dense and split over TP
+EXPERT_SCOPE = ".experts."
 
 
 @dataclass(frozen=True)
@@ -107,12 +116,33 @@ class ModelSpec:
                 global_name = p.shift(global_name, -offsets[p.axis])
         return global_name
 
-    def check_layout(self, tp: int, pp: int, ep: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        """Raise LayoutError (with the valid choices) if TP/PP/EP cannot hold this model."""
+    def check_layout(self, tp: int, pp: int, ep: int, shapes: Mapping[str, tuple[int, ...]],
+                     etp: int | None = None) -> None:
+        """Raise LayoutError (with the valid choices) if TP/PP/EP/ETP cannot hold this model
+        (``etp`` None: the expert parameters are split over TP, megatron's default)."""
         check_pipeline(self.family, self.num_layers, pp)
         check_experts(self.family, self.num_experts, ep)
         for name, shape in shapes.items():
-            self.split_for(name).check(name, tuple(shape), tp)
+            check_split(name, self.split_for(name), tuple(shape), tp, etp)
+
+
+def is_expert(name: str) -> bool:
+    """Whether ``name`` (local or global) is a routed expert's parameter (see ``EXPERT_SCOPE``)."""
+    return EXPERT_SCOPE in name
+
+
+def tensor_parallel_for(name: str, tp: int, etp: int | None) -> tuple[str, int]:
+    """("TP", tp) or, for an expert parameter when an expert-tensor-parallel size is set,
+    ("ETP", etp): the size that splits ``name`` and the name the error messages give it."""
+    if etp is not None and is_expert(name):
+        return "ETP", etp
+    return "TP", tp
+
+
+def check_split(name: str, split: Split, shape: tuple[int, ...], tp: int, etp: int | None = None) -> None:
+    """Raise LayoutError if the layout's TP (or, for an expert parameter, ETP) cannot split ``name``."""
+    axis, size = tensor_parallel_for(name, tp, etp)
+    split.check(name, tuple(shape), size, axis)
 
 
 def check_pipeline(family: str, num_layers: int, pp: int) -> None:
@@ -128,3 +158,23 @@ def check_experts(family: str, num_experts: int, ep: int) -> None:
         valid = [d for d in range(1, num_experts + 1) if num_experts % d == 0] or [1]
         raise LayoutError(f"EP={ep} does not divide the {num_experts} experts of this {family} model; "
                           f"valid EP sizes: {valid}")
+
+
+def check_expert_grid(tp: int, dp: int, ep: int, etp: int | None = None) -> None:
+    """The expert layers' ranks are the dense layers' TP x DP ranks of a pipeline stage, re-cut as
+    ETP x EP x expert-DP (megatron-core's ``initialize_model_parallel``: the world size must be
+    divisible by ETP * EP * PP), so ETP * EP must divide TP * DP. With ETP = TP (the default) that
+    is: EP divides DP."""
+    expert_tp = tp if etp is None else etp
+    ranks = tp * dp
+    if ranks % (expert_tp * ep) == 0:
+        return
+    etps = [e for e in _divisors(ranks) if ranks % (e * ep) == 0]
+    fix = f"; or keep EP={ep} and set ETP (etp) to one of {etps}" if etps else ""
+    if expert_tp == tp:
+        raise LayoutError(f"EP={ep} must divide DP={dp}: megatron carves expert-parallel ranks out of the "
+                          f"data-parallel ones (with ETP = TP); valid EP: {_divisors(dp)}{fix}")
+    raise LayoutError(f"ETP={expert_tp} x EP={ep} must divide TP x DP = {ranks}: megatron-core lays the expert "
+                      "layers' ETP x EP x expert-DP ranks over the dense layers' TP x DP ranks; valid ETP at "
+                      f"EP={ep}: {etps or 'none (lower EP)'}")
+

@@ -16,8 +16,10 @@ from ..errors import FormatError, LayoutError
 class Split:
     kind: ClassVar[str] = ""
 
-    def check(self, name: str, shape: tuple[int, ...], tp: int) -> None:
-        """Raise LayoutError if ``tp`` ranks cannot hold a parameter of this global shape."""
+    def check(self, name: str, shape: tuple[int, ...], tp: int, axis: str = "TP") -> None:
+        """Raise LayoutError if ``tp`` ranks cannot hold a parameter of this global shape. ``axis``
+        names the size in the message: "TP", or "ETP" for an expert parameter split over megatron's
+        expert-tensor-parallel ranks (``spec.tensor_parallel_for``)."""
 
     def to_json(self) -> dict:
         return {"kind": self.kind, **{k: (list(v) if isinstance(v, tuple) else v)
@@ -54,14 +56,14 @@ class Partitioned(Split):
     dim: int = 0
     groups: int = 1
 
-    def check(self, name, shape, tp):
+    def check(self, name, shape, tp, axis="TP"):
         _check_dim(name, shape, self.dim)
         if shape[self.dim] % tp:
             raise LayoutError(f"parameter {name!r}: dim {self.dim} of size {shape[self.dim]} is not "
-                              f"divisible by TP={tp}; valid TP sizes: {_divisors(shape[self.dim])}")
+                              f"divisible by {axis}={tp}; valid {axis} sizes: {_divisors(shape[self.dim])}")
         if self.groups > 1 and self.groups % tp:
-            raise LayoutError(f"parameter {name!r}: TP={tp} does not divide its {self.groups} groups "
-                              f"(query groups / heads); valid TP sizes: {_divisors(self.groups)}")
+            raise LayoutError(f"parameter {name!r}: {axis}={tp} does not divide its {self.groups} groups "
+                              f"(query groups / heads); valid {axis} sizes: {_divisors(self.groups)}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class VocabPartitioned(Split):
         if self.divisible_by < 1:
             raise ValueError(f"VocabPartitioned.divisible_by must be >= 1, not {self.divisible_by}")
 
-    def check(self, name, shape, tp):
+    def check(self, name, shape, tp, axis="TP"):
         _check_dim(name, shape, self.dim)
 
     def padded_size(self, size: int, tp: int) -> int:
@@ -100,7 +102,7 @@ class Fused(Split):
             return tuple(self.parts)
         return (size // self.num_parts,) * self.num_parts
 
-    def check(self, name, shape, tp):
+    def check(self, name, shape, tp, axis="TP"):
         _check_dim(name, shape, self.dim)
         sizes = self.part_sizes(shape[self.dim])
         if sum(sizes) != shape[self.dim]:
@@ -109,7 +111,7 @@ class Fused(Split):
         bad = [s for s in sizes if s % tp]
         if bad:
             raise LayoutError(f"parameter {name!r}: fused part of size {bad[0]} is not divisible by "
-                              f"TP={tp}; valid TP sizes: {_divisors(min(sizes))}")
+                              f"{axis}={tp}; valid {axis} sizes: {_divisors(min(sizes))}")
 
 
 @dataclass(frozen=True)

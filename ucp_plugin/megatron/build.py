@@ -13,7 +13,7 @@ from types import ModuleType
 
 import torch
 
-from ..language import EXPERT, PIPELINE, ModelSpec
+from ..language import EXPERT, PIPELINE, ModelSpec, is_expert
 from ..models.config import Architecture, ModelConfig
 from .layout import MegatronLayout
 
@@ -45,7 +45,8 @@ def transformer_config(arch: Architecture, cfg: ModelConfig, layout: MegatronLay
         num_layers=cfg.layers, hidden_size=cfg.hidden, num_attention_heads=cfg.heads,
         num_query_groups=cfg.groups, ffn_hidden_size=cfg.ffn,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        expert_model_parallel_size=layout.ep, sequence_parallel=layout.sp,
+        expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.expert_tp,
+        sequence_parallel=layout.sp,
         num_layers_in_first_pipeline_stage=layout.first_stage_layers,
         num_layers_in_last_pipeline_stage=layout.last_stage_layers,
         pipeline_dtype=torch.float32, params_dtype=torch.float32,
@@ -103,11 +104,33 @@ def build_stage_model(family: str, cfg: ModelConfig, layout: MegatronLayout, **c
     arch = family_module(family).ARCH
     layout.check_model(cfg.layers, cfg.experts)
     config = transformer_config(arch, cfg, layout, **config_overrides)
-    return GPTModel(config=config, transformer_layer_spec=layer_spec(arch, cfg, config),
-                    vocab_size=padded_vocab(cfg, layout.tp), max_sequence_length=cfg.seq_length,
-                    pre_process=parallel_state.is_pipeline_first_stage(),
-                    post_process=parallel_state.is_pipeline_last_stage(),
-                    share_embeddings_and_output_weights=cfg.tied, position_embedding_type=arch.position)
+    model = GPTModel(config=config, transformer_layer_spec=layer_spec(arch, cfg, config),
+                     vocab_size=padded_vocab(cfg, layout.tp), max_sequence_length=cfg.seq_length,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage(),
+                     share_embeddings_and_output_weights=cfg.tied, position_embedding_type=arch.position)
+    if layout.ep == 1 and layout.expert_tp != layout.tp:
+        mark_expert_data_parallel(model)
+    return model
+
+
+def mark_expert_data_parallel(model) -> int:
+    """Mark every expert parameter ``allreduce=False`` (megatron's flag for "reduce my gradient over
+    the expert data-parallel group"); returns how many.
+
+    megatron-core 0.16 sets the flag only when EP > 1 (``tensor_parallel/layers.py``,
+    ``transformer/moe/experts.py``: ``allreduce = not (is_expert and expert_parallel)``). With EP = 1
+    and ETP != TP the expert DP group is not the dense DP group: with ETP < TP it also spans the TP
+    ranks that hold the same whole expert and, under sequence parallelism, see other tokens. Left
+    unmarked, megatron DDP reduces those gradients over the dense DP group only, the TP ranks' copies
+    of an expert drift apart and training differs from every other layout. Marked, the experts take
+    the path they take at EP > 1 (expert DP grad buffers, the expert optimizer)."""
+    count = 0
+    for name, param in model.named_parameters():
+        if is_expert(name):
+            param.allreduce = False
+            count += 1
+    return count
 
 
 def name_offsets(model, cfg: ModelConfig) -> dict[str, int]:

@@ -71,7 +71,9 @@ def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None)
                     dp=ps.get_data_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size(),
                     sp=bool(tconfig.sequence_parallel),
                     zero_stage=1 if optimizer is not None and O.is_distributed(optimizer) else 0,
-                    param_dtype=param_dtype, layers_per_stage=layers_per_stage(chunks))
+                    param_dtype=param_dtype, layers_per_stage=layers_per_stage(chunks),
+                    # a dense model has no expert layers, so no expert-TP size to record
+                    etp=ps.get_expert_tensor_parallel_world_size() if config.experts else None)
     return RankView(family, config, tuple(param_entries(chunks, spec, config)), layout)
 
 
@@ -330,6 +332,11 @@ def restore_rank_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(dict(state["rng_tracker"]))
 
 
+def _rng_grid(layout: Layout) -> tuple[int, ...]:
+    """What a rank's RNG states depend on: its place in the TP, expert-TP, EP and PP groups."""
+    return layout.world_size, layout.tp, layout.pp, layout.ep, layout.expert_tp
+
+
 def restore_state(ck: Checkpoint, view: RankView, optimizer, rank: int, with_opt: bool) -> dict:
     common = ck.load_state() if ck.has_state() else {}
     saved_opt = common.get("optimizer") or {}
@@ -338,9 +345,7 @@ def restore_state(ck: Checkpoint, view: RankView, optimizer, rank: int, with_opt
     scaler = getattr(optimizer, "grad_scaler", None) if with_opt else None
     if scaler is not None and saved_opt.get("grad_scaler"):
         scaler.load_state_dict(saved_opt["grad_scaler"])
-    same = ck.manifest.layout.world_size == view.layout.world_size and \
-        (ck.manifest.layout.tp, ck.manifest.layout.pp, ck.manifest.layout.ep) == \
-        (view.layout.tp, view.layout.pp, view.layout.ep)
+    same = _rng_grid(ck.manifest.layout) == _rng_grid(view.layout)
     if same and ck.has_state(rank):
         restore_rank_state(ck.load_state(rank))
     else:

@@ -1,15 +1,20 @@
-"""A Megatron parallel layout (TP/PP/EP/DP/SP + optimizer kind) as a validated value, and the one place
-that initialises megatron's ``parallel_state`` from it.
+"""A Megatron parallel layout (TP/PP/EP/ETP/DP/SP + optimizer kind) as a validated value, and the one
+place that initialises megatron's ``parallel_state`` from it.
 
-Megatron's rank order is "tp-cp-ep-dp-pp": TP is innermost, PP outermost. Expert parallelism is carved
-out of the data-parallel ranks (the experts of one layer are spread over EP ranks that each see
-different data), so EP must divide DP; the expert-tensor-parallel size is megatron's default, TP.
+Megatron's rank order is "tp-cp-ep-dp-pp": TP is innermost, PP outermost. The expert layers re-cut the
+TP x DP ranks of a pipeline stage as ETP x EP x expert-DP: each expert is split over ETP
+(expert-tensor-parallel) ranks, the experts of a layer over EP ranks, and the rest replicate them. So
+ETP * EP must divide TP * DP (megatron: the world size must be divisible by ETP * EP * PP). ETP is
+TP by default (``etp=None``), and the rule is then: EP divides DP. (With EP = 1 and ETP != TP,
+``build.build_stage_model`` marks the expert parameters for expert-DP gradient reduction, which
+megatron-core 0.16 does only at EP > 1: ``build.mark_expert_data_parallel``.)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..errors import LayoutError
+from ..language import check_expert_grid
 
 OPTIMIZERS = ("distributed", "ddp")
 
@@ -19,7 +24,9 @@ class MegatronLayout:
     """``world_size = tp * pp * dp``. ``first_stage_layers``/``last_stage_layers`` make an uneven
     pipeline (megatron's ``num_layers_in_{first,last}_pipeline_stage``); the other stages split the
     remaining layers evenly. ``optimizer`` is "distributed" (DistributedOptimizer: fp32 main params
-    and Adam states sharded over DP) or "ddp" (every DP rank holds the full optimizer state)."""
+    and Adam states sharded over DP) or "ddp" (every DP rank holds the full optimizer state).
+    ``etp`` is megatron's ``expert_tensor_parallel_size``: the TP size of the expert layers only
+    (None: TP, megatron's default); the experts' DP size is then ``tp * dp // (etp * ep)``."""
     tp: int = 1
     pp: int = 1
     dp: int = 1
@@ -28,15 +35,15 @@ class MegatronLayout:
     optimizer: str = "distributed"
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    etp: int | None = None
 
     def __post_init__(self):
         for name in ("tp", "pp", "dp", "ep"):
             if getattr(self, name) < 1:
                 raise LayoutError(f"MegatronLayout.{name} must be >= 1, not {getattr(self, name)}")
-        if self.dp % self.ep:
-            raise LayoutError(f"EP={self.ep} must divide DP={self.dp}: megatron carves expert-parallel "
-                              f"ranks out of the data-parallel ones; valid EP: "
-                              f"{[d for d in range(1, self.dp + 1) if self.dp % d == 0]}")
+        if self.etp is not None and (not isinstance(self.etp, int) or self.etp < 1):
+            raise LayoutError(f"MegatronLayout.etp must be None (= TP) or >= 1, not {self.etp!r}")
+        check_expert_grid(self.tp, self.dp, self.ep, self.etp)
         if self.sp and self.tp == 1:
             raise LayoutError("sequence parallelism (sp=True) needs TP > 1; set sp=False for TP=1")
         if self.optimizer not in OPTIMIZERS:
@@ -58,6 +65,8 @@ class MegatronLayout:
                               "set sp=True")
         if not experts and self.ep > 1:
             raise LayoutError(f"EP={self.ep} needs a Mixture-of-Experts model; set ep=1")
+        if not experts and self.etp not in (None, self.tp):
+            raise LayoutError(f"ETP={self.etp} needs a Mixture-of-Experts model; leave etp unset")
         self._check_stages(layers)
 
     def _check_stages(self, layers: int) -> None:
@@ -70,8 +79,14 @@ class MegatronLayout:
                               f"{first}, last_stage_layers={last}: the stages in between must share the "
                               "remaining layers evenly (at least one each)")
 
+    @property
+    def expert_tp(self) -> int:
+        """The expert layers' tensor-parallel size."""
+        return self.tp if self.etp is None else self.etp
+
     def describe(self) -> str:
         extra = ",sp" if self.sp else ""
+        extra += f",etp{self.etp}" if self.etp is not None else ""
         extra += f",first{self.first_stage_layers}" if self.first_stage_layers is not None else ""
         extra += f",last{self.last_stage_layers}" if self.last_stage_layers is not None else ""
         return f"tp{self.tp}.pp{self.pp}.dp{self.dp}.ep{self.ep}{extra}.{self.optimizer}"
@@ -95,4 +110,5 @@ def init_parallel_state(layout: MegatronLayout) -> None:
     # cost rendezvous time
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        expert_model_parallel_size=layout.ep, create_gloo_process_groups=False)
+        expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.expert_tp,
+        create_gloo_process_groups=False)

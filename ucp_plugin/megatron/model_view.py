@@ -18,7 +18,8 @@ import torch
 
 from ..errors import SpecError, UnsupportedError
 from ..format import Region
-from ..language import EXPERT, Blocks, Fused, ModelSpec, Partitioned, Replicated, Split, VocabPartitioned
+from ..language import (EXPERT, Blocks, Fused, ModelSpec, Partitioned, Replicated, Split, VocabPartitioned,
+                        is_expert)
 from ..models.config import ModelConfig
 from ..plan import IDENTITY, TRANSPOSED, Segment, region_for
 from .build import family_module, name_offsets, unwrap
@@ -172,7 +173,7 @@ def param_entries(chunks: list, spec: ModelSpec, cfg: ModelConfig) -> list[Param
 
 def _entry(spec: ModelSpec, cfg: ModelConfig, local: str, name: str, param, offsets: dict) -> ParamEntry:
     rule = spec.rule_for(name)
-    expert = ".experts." in name
+    expert = is_expert(name)
     tp_rank, tp, dp_rank, dp = _groups(expert)
     if isinstance(rule.split, Blocks):
         segments = block_segments(name, rule.split, shape_of(param), _local_experts(cfg),

@@ -4,7 +4,8 @@ Every rank builds the whole model once at TP=PP=EP=1 with a fixed seed (megatron
 initialisation, so the values are the distributions megatron uses), then copies its own shard of each
 parameter into its stage model using megatron's partition attributes (``partition_dim``,
 ``partition_stride``, exactly as ``_initialize_affine_weight_cpu`` slices a master weight) -- not our
-checkpoint language, so the language is tested against an independent reference.
+checkpoint language, so the language is tested against an independent reference. Expert parameters
+are sliced by megatron's expert-tensor-parallel rank and size (ETP may differ from TP).
 
 Vocabulary padding rows are set to zero at every layout: megatron pads to ``divisible_by * TP`` rows,
 so the padding differs between layouts, and it would otherwise hold layout-dependent random values.
@@ -21,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from ..errors import StateMismatchError
-from ..language import ModelSpec
+from ..language import ModelSpec, is_expert
 from ..models.config import ModelConfig
 from .build import build_stage_model, global_named_parameters
 from .layout import MegatronLayout, init_parallel_state
@@ -58,9 +59,11 @@ def megatron_shard(full: torch.Tensor, dim: int, stride: int, rank: int, world: 
 
 
 def _tp_rank_world(global_name: str) -> tuple[int, int]:
+    """The (rank, size) of the tensor-parallel group that splits ``global_name``: megatron's expert
+    TP group (ETP ranks, TP unless the layout sets ``etp``) for an expert parameter, TP otherwise."""
     from megatron.core import parallel_state as ps
 
-    if ".experts." in global_name:
+    if is_expert(global_name):
         return ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
@@ -72,6 +75,7 @@ def _pad_rows(value: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def local_shard(global_name: str, param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of the TP=1 value ``full``: expert parameters by the expert-TP rank/size."""
     if not getattr(param, "tensor_model_parallel", False):
         return full
     rank, world = _tp_rank_world(global_name)

@@ -2,8 +2,10 @@
 with a Mixture-of-Experts MLP: a replicated router and ``experts`` SwiGLU experts.
 
 Experts are split over expert-parallel ranks by index (an "ep" placement: local expert K on EP rank r
-is global expert r * experts/EP + K) and each expert over TP like a dense SwiGLU MLP (megatron's
-expert-tensor-parallel size; this spec assumes it equals TP, megatron's default).
+is global expert r * experts/EP + K) and each expert like a dense SwiGLU MLP over megatron's
+expert-tensor-parallel (ETP) ranks -- TP by default, or ``expert_tensor_parallel_size``. The splits
+below do not depend on the size: the adapter applies them with the expert TP group's rank and size
+(``language.tensor_parallel_for``), so a checkpoint moves between ETP sizes like between TP sizes.
 
 Every expert layout is stored as the same per-expert atoms, the SequentialMLP's
 (``mlp.experts.local_experts.K.linear_fc{1,2}.weight``, K global), so a checkpoint moves freely
