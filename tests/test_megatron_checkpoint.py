@@ -16,14 +16,11 @@ Cost: every run of one world size goes into one launch (``mg_workers.schedule``/
 layout).
 """
 import json
-import os
-import time
 
 import pytest
 import torch
 
-from mg_workers import schedule
-from ucp_plugin.launcher import run_workers
+from campaign import assert_same_atoms, model_record, ok, rel, run_campaign
 from ucp_plugin.megatron.layout import MegatronLayout
 from ucp_plugin.storage import Checkpoint
 from ucp_plugin.tools.verify import verify
@@ -110,28 +107,7 @@ def build_plan(root) -> Plan:
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory):
     """{run id: [per-rank result]} of every run of the plan."""
-    root = tmp_path_factory.mktemp("mg-campaign")
-    env = {"PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    results = {}
-    for world, batch in schedule(build_plan(root).runs):
-        start = time.perf_counter()
-        per_rank = run_workers(world, "mg_workers:run_plan", {"runs": batch}, timeout=1200, env=env)
-        print(f"launch of {world} rank(s), {len(batch)} runs: {time.perf_counter() - start:.0f} s")
-        for run in batch:
-            results[run["id"]] = [r[run["id"]] for r in per_rank]
-    return results
-
-
-def _ok(results, rid) -> dict:
-    first = results[rid][0]
-    assert "error" not in first, f"{rid}: {first['error']}"
-    assert all(r["losses"] == first["losses"] for r in results[rid]), f"{rid}: ranks disagree on losses"
-    return first
-
-
-def _rel(a, b) -> float:
-    assert len(a) == len(b), (a, b)
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    return run_campaign(build_plan(tmp_path_factory.mktemp("mg-campaign")).runs)
 
 
 def _hyper_set(common: dict) -> set:
@@ -140,30 +116,11 @@ def _hyper_set(common: dict) -> set:
             for inner in groups for g in inner}
 
 
-def _model_record(record: dict, drop: tuple[str, ...]) -> dict:
-    """A manifest's ``model`` / common state with the ModelConfig fields in ``drop`` left out."""
-    out = dict(record)
-    for key in ("config", "model_config"):
-        if isinstance(out.get(key), dict):
-            out[key] = {k: v for k, v in out[key].items() if k not in drop}
-    return out
-
-
 def assert_same_consolidated_state(saved: str, resaved: str, config_may_differ: tuple[str, ...] = ()) -> None:
     """``config_may_differ``: ModelConfig fields that name an implementation, not the model
     (``grouped_mlp``: the expert layout, which stores the same atoms)."""
-    a, b = Checkpoint.open(saved), Checkpoint.open(resaved)
-    assert {x.name for x in a.manifest.atoms} == {x.name for x in b.manifest.atoms}
-    assert (a.manifest.family, a.manifest.iteration, _model_record(a.manifest.model, config_may_differ)) == \
-        (b.manifest.family, b.manifest.iteration, _model_record(b.manifest.model, config_may_differ))
-    for atom in a.manifest.atoms:
-        other = b.manifest.atom(atom.name)
-        assert (atom.kind, atom.shape, atom.split, atom.states, atom.scalars) == \
-            (other.kind, other.shape, other.split, other.states, other.scalars), atom.name
-        for state in atom.states:
-            assert torch.equal(a.read_atom(atom.name, state), b.read_atom(atom.name, state)), \
-                f"{atom.name} {state} differs after load + re-save"
-    ca, cb = (_model_record(c.load_state(), config_may_differ) for c in (a, b))
+    a, b = assert_same_atoms(saved, resaved, config_may_differ)
+    ca, cb = (model_record(c.load_state(), config_may_differ) for c in (a, b))
     assert _hyper_set(ca) == _hyper_set(cb)
     drop = ("optimizer",)
     assert {k: v for k, v in ca.items() if k not in drop} == {k: v for k, v in cb.items() if k not in drop}
@@ -172,29 +129,29 @@ def assert_same_consolidated_state(saved: str, resaved: str, config_may_differ: 
 
 @pytest.mark.parametrize("family,label,source,target", MATRIX, ids=[f"{f}-{l}" for f, l, _, _ in MATRIX])
 def test_transition_resumes_exactly(campaign, family, label, source, target):
-    saved = _ok(campaign, f"save:{family}:{_key(source)}")
-    resumed = _ok(campaign, f"load:{family}:{label}")
+    saved = ok(campaign, f"save:{family}:{_key(source)}")
+    resumed = ok(campaign, f"load:{family}:{label}")
     assert resumed["iteration"] == SAVE_AFTER and resumed["extra"] == {"note": "test"}
-    rel = _rel(resumed["losses"], saved["losses"][SAVE_AFTER:])
-    print(f"{family} {label} ({_key(source)} -> {_key(target)}): max relative loss difference {rel:.1e}")
-    assert rel < TOL, f"{family} {label}: relative loss difference {rel:.2e}"
+    diff = rel(resumed["losses"], saved["losses"][SAVE_AFTER:])
+    print(f"{family} {label} ({_key(source)} -> {_key(target)}): max relative loss difference {diff:.1e}")
+    assert diff < TOL, f"{family} {label}: relative loss difference {diff:.2e}"
     assert_same_consolidated_state(saved["path"], resumed["resaved"])
 
 
 def test_every_layout_trains_alike(campaign):
     """Same reference weights and batches: every source layout's 7 losses match TP1's."""
     for family in MODELS:
-        ref = _ok(campaign, f"save:{family}:{_key({})}")
+        ref = ok(campaign, f"save:{family}:{_key({})}")
         assert ref["losses"][-1] < ref["losses"][0], f"{family} does not learn: {ref['losses']}"
         for rid in [r for r in campaign if r.startswith(f"save:{family}:tp")]:
-            assert _rel(_ok(campaign, rid)["losses"], ref["losses"]) < TOL, rid
+            assert rel(ok(campaign, rid)["losses"], ref["losses"]) < TOL, rid
 
 
 def test_the_bitwise_check_tells_trainings_apart(campaign):
     """Two trainings at different layouts agree to ~1e-8 but not bitwise (reductions round
     differently): a load + re-save is bitwise equal because it copies, not by luck."""
-    a = Checkpoint.open(_ok(campaign, f"save:gpt:{_key({})}")["path"])
-    b = Checkpoint.open(_ok(campaign, f"save:gpt:{_key({'tp': 2})}")["path"])
+    a = Checkpoint.open(ok(campaign, f"save:gpt:{_key({})}")["path"])
+    b = Checkpoint.open(ok(campaign, f"save:gpt:{_key({'tp': 2})}")["path"])
     pairs = [(atom.name, s) for atom in a.manifest.atoms for s in atom.states]
     differ = sum(not torch.equal(a.read_atom(n, s), b.read_atom(n, s)) for n, s in pairs)
     assert differ > len(pairs) // 2, f"only {differ} of {len(pairs)} atom states differ"
@@ -212,7 +169,7 @@ def test_stages_and_experts_are_where_megatron_puts_them(campaign):
 
 
 def test_manifest_atoms_and_verify(campaign):
-    path = _ok(campaign, f"save:gpt:{_key({'tp': 2})}")["path"]
+    path = ok(campaign, f"save:gpt:{_key({'tp': 2})}")["path"]
     assert verify(path) == []
     m = Checkpoint.open(path).manifest
     atoms = {a.name: a for a in m.atoms}
@@ -229,20 +186,20 @@ def test_manifest_atoms_and_verify(campaign):
 
 
 def test_weights_only_checkpoint_resumes_the_forward(campaign):
-    saved = _ok(campaign, "save:llama:weights-only")
+    saved = ok(campaign, "save:llama:weights-only")
     assert all(set(a.states) == {"fp32"} for a in Checkpoint.open(saved["path"]).manifest.atoms)
-    resumed = _ok(campaign, "load:llama:weights-only")
+    resumed = ok(campaign, "load:llama:weights-only")
     # same weights: the first resumed loss matches; the optimizer then starts afresh
-    assert _rel(resumed["losses"][:1], saved["losses"][SAVE_AFTER:SAVE_AFTER + 1]) < TOL
+    assert rel(resumed["losses"][:1], saved["losses"][SAVE_AFTER:SAVE_AFTER + 1]) < TOL
 
 
 def test_bf16_resume_uses_the_fp32_masters(campaign):
     """bf16 parameters, fp32 masters: the same layout resumes bit-exactly; another layout (and the
     other optimizer kind) within bf16's layout-to-layout rounding; both re-save the same state."""
-    saved = _ok(campaign, "save:gpt:bf16")
-    same, other = _ok(campaign, "load:gpt:bf16-same"), _ok(campaign, "load:gpt:bf16-other")
+    saved = ok(campaign, "save:gpt:bf16")
+    same, other = ok(campaign, "load:gpt:bf16-same"), ok(campaign, "load:gpt:bf16-other")
     assert same["losses"] == saved["losses"][SAVE_AFTER:]
-    assert _rel(other["losses"], saved["losses"][SAVE_AFTER:]) < 1e-4
+    assert rel(other["losses"], saved["losses"][SAVE_AFTER:]) < 1e-4
     assert_same_consolidated_state(saved["path"], same["resaved"])
     assert_same_consolidated_state(saved["path"], other["resaved"])
 

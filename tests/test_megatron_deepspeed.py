@@ -10,14 +10,11 @@ gives bitwise the same atoms (every state, scalars). Unsupported set-ups are ref
 ``deepspeed.initialize`` with the setting named.
 """
 import os
-import time
 
 import pytest
-import torch
 
-from mg_workers import schedule
+from campaign import assert_same_atoms, ok, rel, run_campaign
 from ucp_plugin.errors import LayoutError
-from ucp_plugin.launcher import run_workers
 from ucp_plugin.megatron.layout import MegatronLayout
 from ucp_plugin.megatron.validate import validate_layout
 from ucp_plugin.storage import Checkpoint
@@ -84,64 +81,27 @@ def build_runs(root) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mgds")
-    env = {"PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "DS_ACCELERATOR": "cpu"}
-    results = {}
-    for world, batch in schedule(build_runs(root)):
-        start = time.perf_counter()
-        per_rank = run_workers(world, "mgds_workers:run_plan", {"runs": batch}, timeout=1200, env=env)
-        print(f"launch of {world} rank(s), {len(batch)} runs: {time.perf_counter() - start:.0f} s")
-        for run in batch:
-            results[run["id"]] = [r[run["id"]] for r in per_rank]
-    return results
-
-
-def _ok(results, rid) -> dict:
-    first = results[rid][0]
-    assert "error" not in first, f"{rid}: {first['error']}"
-    assert all(r["losses"] == first["losses"] for r in results[rid]), f"{rid}: ranks disagree on losses"
-    return first
-
-
-def _rel(a, b) -> float:
-    assert len(a) == len(b), (a, b)
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
-
-
-def assert_same_atoms(saved: str, resaved: str) -> None:
-    """Bitwise the same consolidated tensors and scalars (the layout, pieces and the framework's own
-    common state may differ)."""
-    a, b = Checkpoint.open(saved), Checkpoint.open(resaved)
-    assert {x.name for x in a.manifest.atoms} == {x.name for x in b.manifest.atoms}
-    assert (a.manifest.family, a.manifest.iteration, a.manifest.model) == \
-        (b.manifest.family, b.manifest.iteration, b.manifest.model)
-    for atom in a.manifest.atoms:
-        other = b.manifest.atom(atom.name)
-        assert (atom.kind, atom.shape, atom.split, atom.states, atom.scalars) == \
-            (other.kind, other.shape, other.split, other.states, other.scalars), atom.name
-        for state in atom.states:
-            assert torch.equal(a.read_atom(atom.name, state), b.read_atom(atom.name, state)), \
-                f"{atom.name} {state} differs after load + re-save"
+    return run_campaign(build_runs(tmp_path_factory.mktemp("mgds")), "mgds_workers:run_plan",
+                        env={"DS_ACCELERATOR": "cpu"})
 
 
 @pytest.mark.parametrize("rid", TRANSITIONS)
 def test_transition_resumes_exactly(campaign, rid):
     run = next(r for r in RUNS if r[0] == rid)
-    saved, resumed = _ok(campaign, run[4]), _ok(campaign, rid)
+    saved, resumed = ok(campaign, run[4]), ok(campaign, rid)
     assert resumed["iteration"] == SAVE_AFTER
-    rel = _rel(resumed["losses"], saved["losses"][SAVE_AFTER:])
+    diff = rel(resumed["losses"], saved["losses"][SAVE_AFTER:])
     tol = BF16_TOL if run[3].get("bf16") else TOL
-    print(f"{rid}: max relative loss difference over {len(resumed['losses'])} steps {rel:.1e}")
-    assert rel < tol, f"{rid}: relative loss difference {rel:.2e}"
+    print(f"{rid}: max relative loss difference over {len(resumed['losses'])} steps {diff:.1e}")
+    assert diff < tol, f"{rid}: relative loss difference {diff:.2e}"
     assert_same_atoms(saved["path"], resumed["resaved"])
 
 
 def test_client_state_and_manifest(campaign):
-    resumed = _ok(campaign, "ds:llama:tp2dp2z1->tp1dp4z2")
+    resumed = ok(campaign, "ds:llama:tp2dp2z1->tp1dp4z2")
     assert resumed["client"] == {"note": "test"}
-    assert _ok(campaign, "mg:llama:tp2dp2->ds:tp1dp4z1")["client"] == {"note": "test"}  # megatron's extra
-    manifest = Checkpoint.open(_ok(campaign, "ds:llama:tp2dp2z1")["path"]).manifest
+    assert ok(campaign, "mg:llama:tp2dp2->ds:tp1dp4z1")["client"] == {"note": "test"}  # megatron's extra
+    manifest = Checkpoint.open(ok(campaign, "ds:llama:tp2dp2z1")["path"]).manifest
     assert manifest.writer.adapter == "deepspeed.megatron" and manifest.family == "llama"
     assert (manifest.layout.tp, manifest.layout.dp, manifest.layout.zero_stage) == (2, 2, 1)
     assert {"embedding.word_embeddings.weight@vocab_padding", "output_layer.weight"} <= \
@@ -151,9 +111,9 @@ def test_client_state_and_manifest(campaign):
 def test_deepspeed_engine_trains_as_megatron_does(campaign):
     """Same reference weights, batches and AdamW: DeepSpeed's ZeRO-1 at TP2 x DP2 (gradient norm over
     the TP group through ``MegatronMPU``) and megatron's DistributedOptimizer give the same losses."""
-    ds, mg = _ok(campaign, "ds:llama:tp2dp2z1")["losses"], _ok(campaign, "mg:llama:tp2dp2")["losses"]
+    ds, mg = ok(campaign, "ds:llama:tp2dp2z1")["losses"], ok(campaign, "mg:llama:tp2dp2")["losses"]
     assert ds[-1] < ds[0], f"does not learn: {ds}"
-    assert _rel(ds, mg) < TOL, (ds, mg)
+    assert rel(ds, mg) < TOL, (ds, mg)
 
 
 @pytest.mark.parametrize("name,family,layout,stage,at,text", REFUSED, ids=[r[0] for r in REFUSED])
@@ -168,7 +128,7 @@ def test_unsupported_setups_are_refused(campaign, name, family, layout, stage, a
 
 
 def test_target_layout_checked_from_the_manifest(campaign):
-    path = _ok(campaign, "ds:llama:tp2dp2z1")["path"]
+    path = ok(campaign, "ds:llama:tp2dp2z1")["path"]
     with pytest.raises(LayoutError, match=r"TP=3 .* valid TP sizes|cannot be loaded at TP=3") as info:
         validate_layout(path, MegatronLayout(tp=3))
     assert "Valid sizes for this model: TP in [1, 2]" in str(info.value)

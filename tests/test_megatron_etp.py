@@ -13,15 +13,13 @@ Cost: two launches (two ranks, four ranks), every save and load of one world siz
 """
 import os
 import shutil
-import time
 
 import pytest
 
-from mg_workers import schedule
-from test_megatron_checkpoint import SAVE_AFTER, TOL, Plan, _key, _ok, _rel, assert_same_consolidated_state
+from campaign import ok, rel, run_campaign
+from test_megatron_checkpoint import SAVE_AFTER, TOL, Plan, _key, assert_same_consolidated_state
 from ucp_plugin.errors import LayoutError
 from ucp_plugin.format import MANIFEST
-from ucp_plugin.launcher import run_workers
 from ucp_plugin.megatron.layout import MegatronLayout
 from ucp_plugin.megatron.validate import validate_layout
 from ucp_plugin.storage import Checkpoint
@@ -59,30 +57,21 @@ def build_plan(root) -> Plan:
 
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mg-etp")
-    env = {"PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    results = {}
-    for world, batch in schedule(build_plan(root).runs):
-        start = time.perf_counter()
-        per_rank = run_workers(world, "mg_workers:run_plan", {"runs": batch}, timeout=900, env=env)
-        print(f"launch of {world} rank(s), {len(batch)} runs: {time.perf_counter() - start:.0f} s")
-        for run in batch:
-            results[run["id"]] = [r[run["id"]] for r in per_rank]
-    return results
+    return run_campaign(build_plan(tmp_path_factory.mktemp("mg-etp")).runs)
 
 
 def _saved(campaign, layout: dict) -> dict:
-    return _ok(campaign, f"save:mixtral:{_key(layout)}")
+    return ok(campaign, f"save:mixtral:{_key(layout)}")
 
 
 @pytest.mark.parametrize("label,source,target", TRANSITIONS, ids=[t[0] for t in TRANSITIONS])
 def test_transition_resumes_exactly(campaign, label, source, target):
     saved = _saved(campaign, source)
-    resumed = _ok(campaign, f"load:{label}")
+    resumed = ok(campaign, f"load:{label}")
     assert resumed["iteration"] == SAVE_AFTER and resumed["extra"] == {"note": "test"}
-    rel = _rel(resumed["losses"], saved["losses"][SAVE_AFTER:])
-    print(f"{label}: max relative loss difference {rel:.1e}")
-    assert rel < TOL, f"{label}: relative loss difference {rel:.2e}"
+    diff = rel(resumed["losses"], saved["losses"][SAVE_AFTER:])
+    print(f"{label}: max relative loss difference {diff:.1e}")
+    assert diff < TOL, f"{label}: relative loss difference {diff:.2e}"
     assert_same_consolidated_state(saved["path"], resumed["resaved"])
 
 
@@ -91,7 +80,7 @@ def test_every_etp_trains_alike(campaign):
     ref = _saved(campaign, DP4)["losses"]
     assert ref[-1] < ref[0], f"mixtral does not learn: {ref}"
     for layout in (ETP1_EP2, TP2SP_ETP2, EP2_DP1):
-        assert _rel(_saved(campaign, layout)["losses"], ref) < TOL, layout
+        assert rel(_saved(campaign, layout)["losses"], ref) < TOL, layout
 
 
 def test_experts_are_whole_on_their_ep_rank(campaign):

@@ -11,16 +11,13 @@ checkpoint holds bitwise the same atoms. Both expert layouts start from the same
 
 Cost: two launches (one rank, then every two-rank run).
 """
-import os
-import time
 
 import pytest
 import torch
 
-from mg_workers import schedule
-from test_megatron_checkpoint import MODELS, SAVE_AFTER, TOL, Plan, _key, _ok, _rel, \
+from campaign import ok, rel, run_campaign
+from test_megatron_checkpoint import MODELS, SAVE_AFTER, TOL, Plan, _key, \
     assert_same_consolidated_state
-from ucp_plugin.launcher import run_workers
 from ucp_plugin.storage import Checkpoint
 from ucp_plugin.tools.verify import verify
 
@@ -56,52 +53,43 @@ def build_plan(root) -> Plan:
 
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mg-grouped")
-    env = {"PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    results = {}
-    for world, batch in schedule(build_plan(root).runs):
-        start = time.perf_counter()
-        per_rank = run_workers(world, "mg_workers:run_plan", {"runs": batch}, timeout=900, env=env)
-        print(f"launch of {world} rank(s), {len(batch)} runs: {time.perf_counter() - start:.0f} s")
-        for run in batch:
-            results[run["id"]] = [r[run["id"]] for r in per_rank]
-    return results
+    return run_campaign(build_plan(tmp_path_factory.mktemp("mg-grouped")).runs)
 
 
 @pytest.mark.parametrize("label,model,source,target_model,target", TRANSITIONS, ids=[t[0] for t in TRANSITIONS])
 def test_transition_resumes_exactly(campaign, label, model, source, target_model, target):
-    saved = _ok(campaign, _source(model, source))
-    resumed = _ok(campaign, f"load:{label}")
+    saved = ok(campaign, _source(model, source))
+    resumed = ok(campaign, f"load:{label}")
     assert resumed["iteration"] == SAVE_AFTER and resumed["extra"] == {"note": "test"}
-    rel = _rel(resumed["losses"], saved["losses"][SAVE_AFTER:])
-    print(f"{label}: max relative loss difference {rel:.1e}")
-    assert rel < TOL, f"{label}: relative loss difference {rel:.2e}"
+    diff = rel(resumed["losses"], saved["losses"][SAVE_AFTER:])
+    print(f"{label}: max relative loss difference {diff:.1e}")
+    assert diff < TOL, f"{label}: relative loss difference {diff:.2e}"
     assert_same_consolidated_state(saved["path"], resumed["resaved"], config_may_differ=("grouped_mlp",))
 
 
 def test_grouped_trains_like_sequential(campaign):
     """Same reference experts, same batches: GroupedMLP (CPU gmm) at EP2 and at DP2 follows the
     SequentialMLP's losses, so its blocks mean what the checkpoint says they mean."""
-    ref = _ok(campaign, _source(SEQUENTIAL, {}))["losses"]
+    ref = ok(campaign, _source(SEQUENTIAL, {}))["losses"]
     for layout in (EP2DP2, DP2):
-        assert _rel(_ok(campaign, _source(GROUPED, layout))["losses"], ref) < TOL, layout
+        assert rel(ok(campaign, _source(GROUPED, layout))["losses"], ref) < TOL, layout
 
 
 def test_grouped_checkpoint_holds_the_sequential_atoms(campaign):
-    grouped = Checkpoint.open(_ok(campaign, _source(GROUPED, EP2DP2))["path"])
-    sequential = Checkpoint.open(_ok(campaign, _source(SEQUENTIAL, {}))["path"])
+    grouped = Checkpoint.open(ok(campaign, _source(GROUPED, EP2DP2))["path"])
+    sequential = Checkpoint.open(ok(campaign, _source(SEQUENTIAL, {}))["path"])
     assert {a.name for a in grouped.manifest.atoms} == {a.name for a in sequential.manifest.atoms}
     assert not any(".experts.weight" in a.name for a in grouped.manifest.atoms)
     fc1 = grouped.manifest.atom(FC1.format(layer=2, expert=5))
     assert fc1.shape == (80, 32) and fc1.split == {"kind": "fused", "dim": 0, "parts": [40, 40], "num_parts": 2}
-    for path in (grouped.path, _ok(campaign, _source(GROUPED, DP2))["path"]):
+    for path in (grouped.path, ok(campaign, _source(GROUPED, DP2))["path"]):
         assert verify(path) == []
 
 
 def test_distributed_optimizer_shards_cut_blocks(campaign):
     """At DP2 the DistributedOptimizer's two shards of the expert buffer split some expert's block:
     its atom then has pieces from both ranks, each a canonical rectangle, and still reads whole."""
-    ck = Checkpoint.open(_ok(campaign, _source(GROUPED, DP2))["path"])
+    ck = Checkpoint.open(ok(campaign, _source(GROUPED, DP2))["path"])
     experts = [a for a in ck.manifest.atoms if ".local_experts." in a.name]
     cut = [a for a in experts if len({p.file for p in a.pieces if p.state == "exp_avg"}) > 1]
     assert cut, "no expert block was cut by the DistributedOptimizer's shards"
