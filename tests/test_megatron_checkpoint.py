@@ -48,7 +48,10 @@ MOE = [("TP2->TP1", {"tp": 2, "sp": True}, {}),
        ("SP-on->off", {"tp": 2, "sp": True}, {"dp": 2}),
        ("EP2->EP1", {"dp": 2, "ep": 2}, {"dp": 2}),
        ("EP1->EP2", {}, {"dp": 2, "ep": 2}),
-       ("EP2DP2->TP2", {"dp": 2, "ep": 2}, {"tp": 2, "sp": True})]
+       ("EP2DP2->TP2", {"dp": 2, "ep": 2}, {"tp": 2, "sp": True}),
+       # expert TP x EP = 4: the dispatcher's uneven token gathers (cpu_shim step 5)
+       ("TP2SP-EP2->DP4", {"tp": 2, "sp": True, "dp": 2, "ep": 2}, {"dp": 4}),
+       ("TP1->TP2SP-EP2", {}, {"tp": 2, "sp": True, "dp": 2, "ep": 2})]
 MATRIX = [("gpt", *t) for t in DENSE] + [("llama", *t) for t in DENSE] + [("mixtral", *t) for t in MOE]
 
 

@@ -25,7 +25,9 @@ torch that can see a GPU. What it changes, and why each piece is needed:
    defined when TE imports (NameError in the router): it is set to None. The alltoall token
    dispatcher passes split sizes as tensors (on CUDA they become numpy arrays at its "dtoh point";
    CPU tensors are left alone) and gloo's ``all_to_all_single`` accepts only int lists: megatron's
-   ``_AllToAll.forward`` gets its split sizes converted to lists.
+   ``_AllToAll.forward`` gets its split sizes converted to lists. With expert TP x EP > 1 the
+   dispatcher gathers / reduce-scatters uneven token counts, which gloo cannot: both are done with
+   collectives gloo has (``_patch_uneven_collectives``).
 6. **GroupedMLP without grouped_gemm** (``moe_grouped_gemm=True`` with the local spec): megatron's
    legacy ``GroupedMLP`` calls ``grouped_gemm.ops.gmm``, a CUDA-only package, and asserts it at
    construction. ``gmm`` below is a CPU reference (one matmul per expert's rows, plain autograd),
@@ -275,6 +277,39 @@ def _patch_megatron_moe() -> None:
         return forward(ctx, group, input, _as_int_list(output_split_sizes), _as_int_list(input_split_sizes))
 
     mappings._AllToAll.forward = staticmethod(forward_with_list_splits)
+    _patch_uneven_collectives(mappings)
+
+
+def _patch_uneven_collectives(mappings) -> None:
+    """The token dispatcher gathers and reduce-scatters per-rank token counts that differ (expert
+    TP x EP groups); gloo's all_gather needs equal sizes and gloo has no reduce_scatter. With split
+    sizes given, the gather pads every part to the largest and trims, the reduce-scatter all-reduces
+    the whole tensor and keeps this rank's rows (same sums, more bytes: fine on one machine)."""
+    import torch.distributed as dist
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        sizes = _as_int_list(output_split_sizes)
+        if sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+        padded[:input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    def scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        sizes = _as_int_list(input_split_sizes)
+        if sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        start = sum(sizes[:group.rank()])
+        return total[start:start + sizes[group.rank()]].clone()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = scatter_uneven
 
 
 # ---------------------------------------------------------------- 6. GroupedMLP on the CPU
