@@ -124,12 +124,40 @@ def test_sanity_check_patch_runs_the_check_first_only_when_enabled():
     assert calls[-1] == "deepspeed" and calls.count("ucp") == 2
 
 
+def test_model_patch_checks_after_deepspeed_wrapped_the_model():
+    from patches import deepspeed_engine_configure_distributed_model as model_patch
+
+    calls = []
+
+    class Engine:
+        def _configure_distributed_model(self, model):
+            calls.append("deepspeed")
+            self.module = model
+
+    def check(e):
+        calls.append(("ucp", e.module))
+        if e.module == "bad":
+            raise UnsupportedError("bad model")
+
+    assert model_patch.install(Engine, lambda e: e.on, check)
+    assert not model_patch.install(Engine, lambda e: e.on, check)
+    e = Engine()
+    e.on = False
+    e._configure_distributed_model("bad")
+    e.on = True
+    e._configure_distributed_model("good")
+    assert calls == ["deepspeed", "deepspeed", ("ucp", "good")]
+    with pytest.raises(UnsupportedError, match="bad model"):
+        e._configure_distributed_model("bad")
+    assert model_patch.uninstall(Engine) and not model_patch.uninstall(Engine)
+
+
 def test_enable_twice_wraps_once():
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     enable()
     enable()
-    methods = ("save_checkpoint", "load_checkpoint", "_do_sanity_check")
+    methods = ("save_checkpoint", "load_checkpoint", "_do_sanity_check", "_configure_distributed_model")
     originals = {m: getattr(DeepSpeedEngine, m).__ucp_original__ for m in methods}
     assert not any(hasattr(o, "__ucp_original__") for o in originals.values())
     disable()

@@ -1,9 +1,10 @@
 """Universal checkpointing for DeepSpeed: add ``"checkpoint": {"universal": true}`` to the config and
 ``import ucp_plugin.deepspeed``; ``engine.save_checkpoint`` / ``engine.load_checkpoint`` keep their API.
 
-Importing calls ``enable()``, which wraps three engine methods (``patches/deepspeed_engine_*.py``):
-``save_checkpoint`` and ``load_checkpoint``, and ``_do_sanity_check`` so that ``deepspeed.initialize``
-already refuses settings the adapter cannot save (``config.check_engine``). Engines without the config
+Importing calls ``enable()``, which wraps four engine methods (``patches/deepspeed_engine_*.py``):
+``save_checkpoint`` and ``load_checkpoint``, and ``_do_sanity_check`` and ``_configure_distributed_model``
+so that ``deepspeed.initialize`` already refuses settings the adapter cannot save
+(``config.check_engine``, before and after the engine wraps the model). Engines without the config
 key keep DeepSpeed's behaviour. ``load_checkpoint`` also reads native
 DeepSpeed checkpoints (``native.py``) onto any layout.
 """
@@ -24,7 +25,7 @@ from .save import save_checkpoint
 __all__ = ["enable", "disable", "is_enabled", "read_config", "UniversalConfig", "save_checkpoint",
            "load_checkpoint"]
 _PATCHES = ("deepspeed_engine_save_checkpoint", "deepspeed_engine_load_checkpoint",
-            "deepspeed_engine_do_sanity_check")
+            "deepspeed_engine_do_sanity_check", "deepspeed_engine_configure_distributed_model")
 
 
 def _patch(name: str):
@@ -52,7 +53,7 @@ def enable() -> None:
     import deepspeed
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    save_patch, load_patch, check_patch = (_patch(n) for n in _PATCHES)
+    save_patch, load_patch, check_patch, model_patch = (_patch(n) for n in _PATCHES)
     low, high = save_patch.SUPPORTED
     if not Version(low) <= Version(deepspeed.__version__) < Version(high):
         raise UnsupportedError(f"DeepSpeed {deepspeed.__version__} is outside the versions ucp_plugin "
@@ -60,6 +61,7 @@ def enable() -> None:
     save_patch.install(DeepSpeedEngine, is_enabled, save_checkpoint)
     load_patch.install(DeepSpeedEngine, is_enabled, load_checkpoint)
     check_patch.install(DeepSpeedEngine, is_enabled, check_engine)
+    model_patch.install(DeepSpeedEngine, is_enabled, check_engine)  # again, once the model is wrapped
 
 
 def disable() -> None:

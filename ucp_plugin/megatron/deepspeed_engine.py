@@ -21,8 +21,8 @@ parameter), vocabulary padding rows going to the ``@vocab_padding`` companion at
 Supported: TP x DP, ZeRO stages 0-3, fp32 and bf16. Refused (``problems``): pipeline parallelism
 (a DeepSpeed engine cannot drive megatron-core's pipeline schedule), MoE/expert parallelism and
 sequence parallelism (a DeepSpeed engine does not reduce their gradients over the groups megatron
-does). PP and EP are refused at ``deepspeed.initialize``; SP and MoE show only on the model, which
-the engine has not yet wrapped then, so they are refused at the first save or load.
+does), each at ``deepspeed.initialize`` (SP and MoE right after the engine wraps the model:
+``patches/deepspeed_engine_configure_distributed_model.py``).
 """
 from __future__ import annotations
 
