@@ -38,8 +38,14 @@ class UcpSource:
     def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         meta = self.atoms[name]
         out = self.checkpoint.read_fragment(name, state, Region.whole(meta.shape), start, stop, dtype)
-        self.requested += (stop - start) * torch.empty(0, dtype=getattr(torch, meta.states[state])).element_size()
+        self.note_request(name, state, stop - start)
         return out
+
+    def note_request(self, name: str, state: str, elements: int) -> None:
+        """Count ``elements`` of ``name``'s ``state`` as needed (at their stored size); for readers
+        that go to ``checkpoint`` directly (a parameter map reading TP regions)."""
+        stored = getattr(torch, self.atoms[name].states[state])
+        self.requested += elements * torch.empty(0, dtype=stored).element_size()
 
     def bytes(self) -> tuple[int, int]:
         return self.requested, self.checkpoint.bytes_read
