@@ -110,10 +110,12 @@ def test_client_state_and_manifest(campaign):
 
 def test_deepspeed_engine_trains_as_megatron_does(campaign):
     """Same reference weights, batches and AdamW: DeepSpeed's ZeRO-1 at TP2 x DP2 (gradient norm over
-    the TP group through ``MegatronMPU``) and megatron's DistributedOptimizer give the same losses."""
+    the TP group through ``MegatronMPU``, clipping active) and megatron's DistributedOptimizer give the
+    same losses to rounding (1e-6: a real difference, e.g. weight decay on the norms in one of them,
+    shows from the second step on as ~1e-6 and grows)."""
     ds, mg = ok(campaign, "ds:llama:tp2dp2z1")["losses"], ok(campaign, "mg:llama:tp2dp2")["losses"]
     assert ds[-1] < ds[0], f"does not learn: {ds}"
-    assert rel(ds, mg) < TOL, (ds, mg)
+    assert rel(ds, mg) < 1e-6, (ds, mg)
 
 
 @pytest.mark.parametrize("name,family,layout,stage,at,text", REFUSED, ids=[r[0] for r in REFUSED])

@@ -144,10 +144,23 @@ def wrap(model, layout: MegatronLayout, settings: TrainSettings):
                                  use_distributed_optimizer=distributed, bf16=config.bf16,
                                  params_dtype=config.params_dtype)
     optimizer = get_megatron_optimizer(opt_config, [ddp_model], use_gloo_process_groups=False)
+    apply_weight_decay_multipliers(optimizer, settings.weight_decay)
     config.no_sync_func = ddp_model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     return ddp_model, optimizer
+
+
+def apply_weight_decay_multipliers(optimizer, weight_decay: float) -> None:
+    """Give every param group its ``weight_decay * wd_mult`` (0 for biases and 1-D parameters).
+    megatron builds the groups with ``wd_mult`` but leaves ``weight_decay`` at the configured value in
+    all of them; Megatron-LM's ``OptimizerParamScheduler`` applies the multiplier at every step. This
+    harness has no scheduler (constant LR), so it applies it once, as that scheduler would."""
+    from .optimizer_view import inner_optimizers
+
+    for opt in inner_optimizers(optimizer):
+        for group in opt.optimizer.param_groups:
+            group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
 
 
 def train_step(run: Run, step_tokens: torch.Tensor) -> float:
