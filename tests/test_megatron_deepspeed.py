@@ -26,7 +26,7 @@ SETTINGS = dict(steps=SAVE_AFTER + 5, global_batch=4, lr=1e-2)
 SIZES = dict(hidden=32, heads=4, ffn=64, layers=2, vocab=100, divisible_by=32, seq_length=16)
 MODELS = {"gpt": dict(SIZES, tied=True), "llama": dict(SIZES, query_groups=2, ffn=48),
           "mixtral": dict(SIZES, query_groups=2, ffn=48, experts=4, moe_ffn=40)}
-# (id, runner, family, layout, source run id or None, extra args)
+# (id, runner, family, layout, source run id or None, model size overrides)
 RUNS = [
     ("ds:llama:tp2dp2z1", "ds_save", "llama", dict(tp=2, dp=2, zero_stage=1), None, {}),
     ("ds:llama:tp2dp2z1->tp1dp4z2", "ds_load", "llama", dict(tp=1, dp=4, zero_stage=2), "ds:llama:tp2dp2z1", {}),
@@ -45,6 +45,11 @@ RUNS = [
     ("ds:gpt:bf16:tp2dp2z1->tp1dp4z2", "ds_load", "gpt", dict(tp=1, dp=4, zero_stage=2, bf16=True),
      "ds:gpt:bf16:tp2dp2z1", {}),
 ]
+# loads that must fail: (id, family, engine layout, source, model size overrides, message)
+WRONG = [("ds:llama:tp2dp2z1->fewer-layers", "llama", dict(tp=1, dp=4, zero_stage=2), "ds:llama:tp2dp2z1",
+          {"layers": 1}, "the checkpoint has parameters this model lacks: ['decoder.layers.1."),
+         ("ds:llama:tp2dp2z1->wider-ffn", "llama", dict(tp=2, dp=2, zero_stage=1), "ds:llama:tp2dp2z1",
+          {"ffn": 64}, "shape mismatch (atom, checkpoint, this model)")]
 TRANSITIONS = [r[0] for r in RUNS if r[4] is not None]
 # (name, family, megatron layout, ZeRO stage, where refused, message). Sequence parallelism and MoE
 # show only on the model: refused right after DeepSpeed wraps it, still inside deepspeed.initialize.
@@ -61,13 +66,15 @@ def _world(runner: str, layout: dict) -> int:
 
 def build_runs(root) -> list[dict]:
     runs, by_id = [], {}
-    for rid, runner, family, layout, source, extra in RUNS:
+    wrong = [(rid, "ds_load", family, layout, source, sizes) for rid, family, layout, source, sizes, _ in WRONG]
+    for rid, runner, family, layout, source, sizes in RUNS + wrong:
         folder = str(root / rid.replace(":", "_").replace(">", ""))
+        model = {**MODELS[family], **sizes}
         if source is None:
-            args = dict(family=family, model=MODELS[family], layout=layout, settings=SETTINGS, root=folder,
+            args = dict(family=family, model=model, layout=layout, settings=SETTINGS, root=folder,
                         save_after=SAVE_AFTER)
         else:
-            args = dict(family=family, model=MODELS[family], layout=layout, settings=SETTINGS,
+            args = dict(family=family, model=model, layout=layout, settings=SETTINGS,
                         root=by_id[source]["args"]["root"], resave_root=folder)
         run = {"id": rid, "kind": runner, "world": _world(runner, layout), "after": source, "args": args}
         by_id[rid] = run
@@ -116,6 +123,14 @@ def test_deepspeed_engine_trains_as_megatron_does(campaign):
     ds, mg = ok(campaign, "ds:llama:tp2dp2z1")["losses"], ok(campaign, "mg:llama:tp2dp2")["losses"]
     assert ds[-1] < ds[0], f"does not learn: {ds}"
     assert rel(ds, mg) < 1e-6, (ds, mg)
+
+
+@pytest.mark.parametrize("rid,family,layout,source,sizes,text", WRONG, ids=[w[0] for w in WRONG])
+def test_loading_another_model_is_refused_with_the_parameters(campaign, rid, family, layout, source, sizes,
+                                                               text):
+    errors = [r.get("error") or "" for r in campaign[rid]]  # the others re-raise rank 0's (comm.Comm)
+    assert all(text in e for e in errors), errors
+    assert errors[0].startswith("StateMismatchError") and "/iter_0000002" in errors[0], errors[0]
 
 
 @pytest.mark.parametrize("name,family,layout,stage,at,text", REFUSED, ids=[r[0] for r in REFUSED])

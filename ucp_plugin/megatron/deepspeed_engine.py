@@ -38,6 +38,7 @@ from .build import unwrap
 from .checkpoint import RankView, check_atoms, model_info, read_local, write_entry, writes
 from .model_view import layers_per_stage, param_entries, resolve_spec
 from .validate import validate_layout
+from .vocab_padding import SUFFIX as PADDING_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,11 @@ class MegatronParamMap(ParamMap):
             raise StateMismatchError(f"{ck.path}: the model's buffers {lost[:5]} are not in the checkpoint; "
                                      "load a checkpoint of this model")
         used = {e.source for e in self.entries.values()}
-        stored = {a.name for a in ck.manifest.atoms if a.kind in ("param", "frozen") and "@" not in a.name}
+        stored = {a.name for a in ck.manifest.atoms
+                  if a.kind in ("param", "frozen") and not a.name.endswith(PADDING_SUFFIX)}
         if strict and stored - used:
             raise StateMismatchError(f"{ck.path}: the checkpoint has parameters this model lacks: "
-                                   f"{sorted(stored - used)[:5]}; pass load_module_strict=False to ignore them")
+                                     f"{sorted(stored - used)[:5]}; pass load_module_strict=False to ignore them")
 
 
 class MegatronBinding:
