@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..errors import LayoutError, UnsupportedError
 from ..format import dtype_name
 from ..plan import zero as Z
-from .params import param_map
+from .params import ParamMap, param_map
 
 _KIND_BY_CLASS = {"DeepSpeedZeroOptimizer": Z.ZERO_FLAT, "BF16_Optimizer": Z.BF16_FLAT,
                   "DeepSpeedZeroOptimizer_Stage3": Z.ZERO3}
@@ -39,7 +39,7 @@ class EngineView:
     trainable: tuple[str, ...]
     frozen: tuple[str, ...]
     buffers: tuple[str, ...]
-    params: object = None
+    params: ParamMap | None = None  # set by inspect_engine
 
 
 def optimizer_kind(engine) -> str:

@@ -18,8 +18,9 @@ import pickle
 import torch
 
 from ..errors import FormatError, UnsupportedError
+from ..format import Atom, dtype_name
 from ..plan import zero as Z
-from .sources import AtomMeta
+from .params import SPLIT
 
 DS_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
            "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
@@ -131,18 +132,18 @@ class NativeSource:
         state = self._optim(rank)["base"]["state"]
         return state.get(index, state.get(str(index), {}))
 
-    def _param_meta(self, name: str, numel: int, shape) -> AtomMeta:
+    def _param_meta(self, name: str, numel: int, shape) -> Atom:
         first = self.layout.locate(name)[0]
         entry = self._entry(first.rank, first.index)
         size = numel if self.kind == Z.PER_PARAM else self.layout.for_rank(first.rank)[first.index].numel
         states = {"fp32": "float32"}
-        states.update({k: str(v.dtype).replace("torch.", "") for k, v in entry.items()
+        states.update({k: dtype_name(v.dtype) for k, v in entry.items()
                        if torch.is_tensor(v) and v.dim() > 0 and v.numel() == size})
         scalars = {k: (int(v.item()) if float(v.item()).is_integer() else float(v.item()))
                    for k, v in entry.items() if torch.is_tensor(v) and v.dim() == 0}
-        return AtomMeta(name, "param", tuple(shape), states, scalars)
+        return Atom(name, "param", tuple(shape), SPLIT, states, scalars)
 
-    def _atoms(self) -> dict[str, AtomMeta]:
+    def _atoms(self) -> dict[str, Atom]:
         module, atoms = self.model["module"], {}
         shapes = {n: tuple(s) for g in (self.model.get("param_shapes") or []) for n, s in g.items()}
         for group in self.groups:
@@ -154,10 +155,10 @@ class NativeSource:
         fragments = self.model.get("frozen_param_fragments") or {}
         for name, shape in frozen.items():
             dtype = (fragments.get(name) if name in fragments else module[name]).dtype
-            atoms[name] = AtomMeta(name, "frozen", tuple(shape), {"param": str(dtype).replace("torch.", "")}, {})
+            atoms[name] = Atom(name, "frozen", tuple(shape), SPLIT, {"param": dtype_name(dtype)})
         for name in self.buffer_names:
             t = module[name]
-            atoms[name] = AtomMeta(name, "buffer", tuple(t.shape), {"param": str(t.dtype).replace("torch.", "")}, {})
+            atoms[name] = Atom(name, "buffer", tuple(t.shape), SPLIT, {"param": dtype_name(t.dtype)})
         if self.kind == Z.PER_PARAM:
             self._check_stage0_order()
         return atoms

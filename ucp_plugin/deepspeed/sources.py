@@ -1,6 +1,6 @@
 """What ``load.py`` reads from: a universal checkpoint or a native DeepSpeed one, behind one interface.
 
-A *source* offers ``path``, ``atoms`` (name -> ``AtomMeta``), ``read(name, state, start, stop, dtype)``
+A *source* offers ``path``, ``atoms`` (name -> ``format.Atom``, pieces left out), ``read(name, state, start, stop, dtype)``
 (flat elements of one atom state), ``common_state()`` (the ``state.py`` schema),
 ``rank_state(rank, world_size)`` (RNG, or None when it cannot apply) and ``bytes()`` (bytes requested
 by ``read`` calls at their stored size, bytes fetched from storage; None where not counted).
@@ -8,8 +8,6 @@ by ``read`` calls at their stored size, bytes fetched from storage; None where n
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import FormatError
@@ -17,21 +15,11 @@ from ..format import MANIFEST, Region
 from ..storage import Checkpoint, read_latest, resolve
 
 
-@dataclass(frozen=True)
-class AtomMeta:
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    states: dict
-    scalars: dict
-
-
 class UcpSource:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self.path = checkpoint.path
-        self.atoms = {a.name: AtomMeta(a.name, a.kind, tuple(a.shape), dict(a.states), dict(a.scalars))
-                      for a in checkpoint.manifest.atoms}
+        self.atoms = {a.name: a for a in checkpoint.manifest.atoms}
         self.dp, self.tp = checkpoint.manifest.layout.dp, checkpoint.manifest.layout.tp
         self.requested = 0
 
@@ -44,8 +32,7 @@ class UcpSource:
     def note_request(self, name: str, state: str, elements: int) -> None:
         """Count ``elements`` of ``name``'s ``state`` as needed (at their stored size); for readers
         that go to ``checkpoint`` directly (a parameter map reading TP regions)."""
-        stored = getattr(torch, self.atoms[name].states[state])
-        self.requested += elements * torch.empty(0, dtype=stored).element_size()
+        self.requested += elements * getattr(torch, self.atoms[name].states[state]).itemsize
 
     def bytes(self) -> tuple[int, int]:
         return self.requested, self.checkpoint.bytes_read

@@ -65,7 +65,7 @@ def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None)
 
     family, config, spec = resolve_spec(chunks, family, config, vocab)
     tconfig = unwrap(chunks[0]).config
-    param_dtype = str(next(unwrap(chunks[0]).parameters()).dtype).replace("torch.", "")
+    param_dtype = dtype_name(next(unwrap(chunks[0]).parameters()).dtype)
     layout = Layout(tp=ps.get_tensor_model_parallel_world_size(),
                     pp=ps.get_pipeline_model_parallel_world_size(),
                     dp=ps.get_data_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size(),

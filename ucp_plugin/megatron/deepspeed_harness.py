@@ -16,7 +16,7 @@ import torch
 from ..models.config import ModelConfig
 from .build import build_stage_model, model_spec
 from .deepspeed_engine import MegatronMPU
-from .harness import TrainSettings, _global_mean_loss, rank_micro_batches, reference_state
+from .harness import TrainSettings, global_mean_loss, rank_micro_batches, reference_state
 from .layout import MegatronLayout, init_parallel_state
 from .reference_init import copy_reference_shards
 
@@ -92,4 +92,4 @@ def train_step(engine, step_tokens: torch.Tensor, settings: TrainSettings) -> fl
         engine.backward(loss)
         engine.step()
         reduced.append({"lm loss": loss.detach()})
-    return _global_mean_loss(reduced, len(micro) * ps.get_data_parallel_world_size())
+    return global_mean_loss(reduced, len(micro) * ps.get_data_parallel_world_size())

@@ -179,10 +179,10 @@ def train_step(run: Run, step_tokens: torch.Tensor) -> float:
     ok, _, _ = run.optimizer.step()
     if not ok:
         raise RuntimeError("megatron's optimizer skipped a step (non-finite gradients) in an fp32 run")
-    return _global_mean_loss(reduced, len(micro) * dp)
+    return global_mean_loss(reduced, len(micro) * dp)
 
 
-def _global_mean_loss(reduced: list[dict], total_micro_batches: int) -> float:
+def global_mean_loss(reduced: list[dict], total_micro_batches: int) -> float:
     """Sum of micro-batch losses held by the last stage's TP-rank-0 ranks, shared with every rank."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps

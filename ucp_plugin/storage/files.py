@@ -110,7 +110,7 @@ class MappedTensors:
         numel = 1
         for d in info["shape"]:
             numel *= int(d)
-        if not 0 <= begin <= end <= data_bytes or end - begin != numel * torch.empty(0, dtype=dtype).element_size():
+        if not 0 <= begin <= end <= data_bytes or end - begin != numel * dtype.itemsize:
             raise ValueError(f"tensor {key!r} lies outside the file or has the wrong size")
         return dtype, begin, end
 
@@ -120,8 +120,7 @@ class MappedTensors:
                               "checkpoint — re-save it")
         dtype, begin, end = self._entries[key]
         raw = torch.from_numpy(self._map[self._base + begin:self._base + end])
-        size = torch.empty(0, dtype=dtype).element_size()
-        if (self._base + begin) % size:  # unaligned (not written by safetensors' own writer): copy once
+        if (self._base + begin) % dtype.itemsize:  # unaligned (not written by safetensors' own writer): copy once
             raw = raw.clone()
         return raw.view(dtype)
 

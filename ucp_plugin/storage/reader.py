@@ -152,23 +152,24 @@ class Checkpoint:
                 for lo, hi, part in plan.read_spans(piece.chunk_elems, piece.stop - piece.start):
                     apply(part, self._read(piece, lo, hi, out.dtype), out, src_base=lo)
             else:  # copy straight out of the mapping: exactly the elements needed are fetched
-                data = self._read(piece, 0, piece.stop - piece.start, None)
+                data = self._view(piece)
                 apply(plan, data, out)
                 self.bytes_read += plan.total * data.element_size()
             filled += plan.total
         return filled
 
-    def _read(self, piece: Piece, lo: int, hi: int, dtype: torch.dtype | None) -> torch.Tensor:
-        """Elements [lo, hi) of a piece; ``dtype=None``: a zero-copy view, not counted as fetched (the
-        caller counts what it copies out of it)."""
+    def _view(self, piece: Piece) -> torch.Tensor:
+        """The whole stored piece, a zero-copy view of the mapped file (nothing fetched yet)."""
         data = self._handle(piece.file).flat(piece.key)
         if data.numel() != piece.stop - piece.start:
             raise FormatError(f"{os.path.join(self.path, piece.file)}: {piece.key!r} holds {data.numel()} "
                               f"elements, the manifest says {piece.stop - piece.start}; the file is from "
                               "another checkpoint — re-save it")
-        if dtype is None:
-            return data
-        data = data[lo:hi]
+        return data
+
+    def _read(self, piece: Piece, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        """Elements [lo, hi) of a piece, counted as fetched and, with ``verify``, checked."""
+        data = self._view(piece)[lo:hi]
         self.bytes_read += data.numel() * data.element_size()
         if self.verify:
             self._check_chunks(piece, data, lo)
