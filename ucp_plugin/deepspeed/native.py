@@ -21,6 +21,7 @@ from ..errors import FormatError, UnsupportedError
 from ..format import Atom, dtype_name
 from ..plan import zero as Z
 from .params import SPLIT
+from .optim_state import is_scalar, scalar
 
 DS_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
            "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
@@ -81,8 +82,11 @@ def _kind(cfg: dict, folder: str) -> tuple[str, str]:
     bf16 = (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False)
     if (cfg.get("fp16") or {}).get("enabled", False):
         raise UnsupportedError(f"{folder}: fp16 DeepSpeed checkpoints are not supported")
-    if zero.get("offload_optimizer") or zero.get("offload_param"):
-        raise UnsupportedError(f"{folder}: checkpoints saved with ZeRO offload are not supported")
+    for key in ("offload_optimizer", "offload_param"):  # CPU offload saves the same files, from the CPU
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in ("none", "cpu", None):
+            raise UnsupportedError(f'{folder}: saved with "zero_optimization.{key}": {{"device": "{device}"}}; '
+                                   "only CPU offload checkpoints are read")
     dtype = "bf16" if bf16 else "fp32"
     accum = (cfg.get("data_types") or {}).get("grad_accum_dtype")
     return Z.optimizer_kind(stage, dtype, accum), dtype
@@ -139,8 +143,7 @@ class NativeSource:
         states = {"fp32": "float32"}
         states.update({k: dtype_name(v.dtype) for k, v in entry.items()
                        if torch.is_tensor(v) and v.dim() > 0 and v.numel() == size})
-        scalars = {k: (int(v.item()) if float(v.item()).is_integer() else float(v.item()))
-                   for k, v in entry.items() if torch.is_tensor(v) and v.dim() == 0}
+        scalars = {k: scalar(v) for k, v in entry.items() if is_scalar(v)}
         return Atom(name, "param", tuple(shape), SPLIT, states, scalars)
 
     def _atoms(self) -> dict[str, Atom]:

@@ -12,10 +12,8 @@ holds, as pieces of atoms (docs/FORMAT.md).
 from __future__ import annotations
 
 import deepspeed
-import torch
 
 from ..comm import Comm
-from ..errors import UnsupportedError
 from ..format import Atom, Layout, Region, dtype_name
 from ..plan import zero as Z
 from ..session import SaveHeader, save_universal
@@ -24,6 +22,7 @@ from . import params
 from . import state as S
 from .config import check_engine
 from .engine_view import EngineView, base_optimizer, fp32_buffers, inspect_engine
+from .optim_state import split_state
 
 SPLIT = params.SPLIT
 
@@ -32,26 +31,6 @@ def share(numel: int, rank: int, dp: int) -> tuple[int, int]:
     """The elements rank ``rank`` of ``dp`` writes of a replicated tensor (ZeRO-3's split)."""
     ps = Z.zero3_partition_numel(numel, dp)
     return min(rank * ps, numel), min((rank + 1) * ps, numel)
-
-
-def split_state(entry: dict, numel: int, where: str) -> tuple[dict, dict]:
-    """Optimizer state of one buffer -> (tensor states of the buffer's length, scalars such as step)."""
-    tensors, scalars = {}, {}
-    for key, value in entry.items():
-        if torch.is_tensor(value) and value.numel() == numel and value.dim() > 0:
-            tensors[key] = value.detach().reshape(-1)
-        elif torch.is_tensor(value) and value.numel() == 1:
-            scalars[key] = _number(value.item())
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            scalars[key] = _number(value)
-        else:
-            raise UnsupportedError(f"{where}: optimizer state {key!r} ({type(value).__name__}) is neither "
-                                   "a per-element tensor nor a scalar; this optimizer is not supported")
-    return tensors, scalars
-
-
-def _number(v):
-    return int(v) if float(v).is_integer() else float(v)
 
 
 def write_trainable(writer: ShardWriter, engine, view: EngineView) -> None:
