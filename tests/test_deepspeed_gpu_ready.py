@@ -42,7 +42,7 @@ TRANSITIONS = {  # name: (source, target world size, target config, optimizer / 
                                                                      universal=True)),
     "offload zero2 dp2 -> offload zero3 dp3": ("offload_z2", 3, C(3, "fp32", 3, optimizer="fused",
                                                                   universal=True, **OFF_ALL)),
-    "torch adamw zero3 dp2 -> offload zero2 dp3": ("adamw_z3", 3, C(2, "fp32", 3, optimizer="fused",
+    "torch adamw zero3 dp2 -> offload zero1 dp3": ("adamw_z3", 3, C(1, "fp32", 3, optimizer="fused",
                                                                     universal=True, **OFF_OPT)),
     "native offload zero3 dp2 -> torch adamw stage0 dp1": ("native_offload_z3", 1,
                                                            C(0, "fp32", 1, universal=True)),

@@ -145,10 +145,8 @@ def _set_device_rng(saved: dict, where: str) -> None:
 
 
 def rank_state() -> dict:
-    """This rank's RNG: Python, NumPy, torch's CPU generator, every visible accelerator's, and the seed
-    the CPU generator was last seeded with (``torch.initial_seed``: the base of a re-seed)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "seed": torch.initial_seed()}
+    """This rank's RNG: Python, NumPy, torch's CPU generator and every visible accelerator's."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     device = _device_rng()
     if device is not None:
         state["device"] = device
@@ -189,5 +187,8 @@ def restore_rng(source, engine, view) -> str:
     seed = ((source.common_state() or {}).get("rng") or {}).get("seed")
     if seed is None:
         return "kept"
-    reseed(seed, engine.global_steps, rank)
+    derived = reseed(seed, engine.global_steps, rank)
+    log.info("%s: written by another layout (DP %s, TP %s; now DP %d, TP %d): rank %d re-seeded its RNG "
+             "with %d (saved seed %d, step %d)", source.path, getattr(source, "dp", None),
+             getattr(source, "tp", 1), mine.dp, mine.tp, rank, derived, seed, engine.global_steps)
     return "reseeded"
