@@ -3,6 +3,7 @@ each optimizer's own form, new states on the buffer's dtype/device, deterministi
 from __future__ import annotations
 
 import random
+import types
 
 import pytest
 import torch
@@ -89,3 +90,37 @@ def test_reseed_is_deterministic_and_differs_per_rank():
     a, b = draw(1234, 3, 0), draw(1234, 3, 0)
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
     assert not torch.equal(a[0], draw(1234, 3, 1)[0]) and not torch.equal(a[0], draw(1234, 4, 0)[0])
+
+
+class _Source:
+    def __init__(self, dp, saved):
+        self.path, self.dp, self.tp, self.saved = "ck", dp, 1, saved
+
+    def rank_state(self, rank, world_size):
+        return self.saved
+
+    def common_state(self):
+        return {"rng": {"seed": 99}}
+
+
+def test_rng_is_restored_on_the_same_layout_and_reseeded_on_another(tmp_path):
+    import torch.distributed as dist
+
+    view = types.SimpleNamespace(dp=1, stage=1, param_dtype="float32",
+                                 params=types.SimpleNamespace(layout=lambda base: base))
+    engine = types.SimpleNamespace(global_steps=5)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        torch.manual_seed(7)
+        saved = S.rank_state()
+        expected = torch.rand(3)
+        torch.manual_seed(8)
+        assert S.restore_rng(_Source(1, saved), engine, view) == "restored"
+        assert torch.equal(torch.rand(3), expected)
+        assert S.restore_rng(_Source(2, saved), engine, view) == "reseeded"
+        after_reshard = torch.rand(3)
+        S.reseed(99, 5, 0)
+        assert torch.equal(torch.rand(3), after_reshard)
+        assert S.restore_rng(_Source(2, None), engine, view) == "reseeded"  # a new rank without a state
+    finally:
+        dist.destroy_process_group()
