@@ -32,24 +32,25 @@ SOURCES = {  # name: (config, other train() arguments); all DP2
     "native_offload_z3": (C(3, "fp32", 2, optimizer="fused", **OFF_ALL), {}),
     "dropout_z1": (C(1, "fp32", 2, universal=True), {"model": DROPOUT}),
 }
-TRANSITIONS = {  # name: (source, target world size, target config, optimizer / offload change)
-    "fused native zero2 dp2 -> dp3": ("native_fused_z2", 3, C(2, "fp32", 3, optimizer="fused", universal=True)),
-    "fused zero2 dp2 -> dp3": ("fused_z2", 3, C(2, "fp32", 3, optimizer="fused", universal=True)),
-    "fused native zero3 dp2 -> zero1 dp1": ("native_fused_z3", 1, C(1, "fp32", 1, optimizer="fused",
+TRANSITIONS = {  # name: (source, target world size, target config)
+    "fused_native_zero2_dp2_to_dp3": ("native_fused_z2", 3, C(2, "fp32", 3, optimizer="fused",
+                                                               universal=True)),
+    "fused_zero2_dp2_to_dp3": ("fused_z2", 3, C(2, "fp32", 3, optimizer="fused", universal=True)),
+    "fused_native_zero3_dp2_to_zero1_dp1": ("native_fused_z3", 1, C(1, "fp32", 1, optimizer="fused",
                                                                      universal=True)),
-    "fused zero3 dp2 -> zero1 dp1": ("fused_z3", 1, C(1, "fp32", 1, optimizer="fused", universal=True)),
-    "offload zero2 dp2 -> no offload zero3 dp3": ("offload_z2", 3, C(3, "fp32", 3, optimizer="fused",
+    "fused_zero3_dp2_to_zero1_dp1": ("fused_z3", 1, C(1, "fp32", 1, optimizer="fused", universal=True)),
+    "offload_zero2_dp2_to_no_offload_zero3_dp3": ("offload_z2", 3, C(3, "fp32", 3, optimizer="fused",
                                                                      universal=True)),
-    "offload zero2 dp2 -> offload zero3 dp3": ("offload_z2", 3, C(3, "fp32", 3, optimizer="fused",
+    "offload_zero2_dp2_to_offload_zero3_dp3": ("offload_z2", 3, C(3, "fp32", 3, optimizer="fused",
                                                                   universal=True, **OFF_ALL)),
-    "torch adamw zero3 dp2 -> offload zero1 dp3": ("adamw_z3", 3, C(1, "fp32", 3, optimizer="fused",
+    "torch_adamw_zero3_dp2_to_offload_zero1_dp3": ("adamw_z3", 3, C(1, "fp32", 3, optimizer="fused",
                                                                     universal=True, **OFF_OPT)),
-    "native offload zero3 dp2 -> torch adamw stage0 dp1": ("native_offload_z3", 1,
+    "native_offload_zero3_dp2_to_torch_adamw_stage0_dp1": ("native_offload_z3", 1,
                                                            C(0, "fp32", 1, universal=True)),
 }
 SAME_LAYOUT = {  # loaded in the DP2 launch right after the sources: bit-exact continuation
-    "dropout zero1 dp2 -> same layout": "dropout_z1",
-    "offload zero2 dp2 -> same layout": "offload_z2",
+    "dropout_zero1_dp2_to_same_layout": "dropout_z1",
+    "offload_zero2_dp2_to_same_layout": "offload_z2",
 }
 
 
