@@ -80,6 +80,9 @@ def restore_optimizer(engine, base, saved: dict, where: str) -> None:
                                  f"engine's {len(base.param_groups)}; build the optimizer with the same "
                                  "param groups as the run that saved it")
     same_class = saved.get("class") in (None, type(base).__name__)
+    if not same_class:
+        log.info("%s: optimizer states of %s loaded into %s; restoring only %s of its param groups", where,
+                 saved["class"], type(base).__name__, ", ".join(_SHARED_HYPER))
     for group, hyper in zip(base.param_groups, groups):
         # a per-group "step" (FusedAdam's, which seeds new states) only where the target keeps one
         group.update({k: v for k, v in hyper.items() if k != "params" and (k != "step" or k in group)
