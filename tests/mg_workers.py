@@ -1,4 +1,4 @@
-"""Worker functions for the Megatron tests, run in fresh processes by ``ucp_plugin.launcher``
+"""Worker functions for the Megatron tests, run in fresh processes by ``ucp_plugin.testing.launcher``
 (the CPU shim is process-global, so it never enters the pytest process)."""
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "is_embed
 def _init_single_rank():
     import torch.distributed as dist
 
-    from ucp_plugin.megatron import cpu_shim
-    from ucp_plugin.megatron.layout import MegatronLayout, init_parallel_state
+    from ucp_plugin.megatron.layout import MegatronLayout
+    from ucp_plugin.testing import cpu_shim
+    from ucp_plugin.testing.build import init_parallel_state
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -30,9 +31,9 @@ def _describe(model) -> list[dict]:
 def megatron_parameters(models: dict) -> dict:
     """{label: [param description]} for GPTModels built at TP=PP=EP=1 from {label: (family, sizes)}
     (GroupedMLP builds with the CPU shim's grouped_gemm stand-in)."""
-    from ucp_plugin.megatron.build import build_stage_model
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
+    from ucp_plugin.testing.build import build_stage_model
 
     _init_single_rank()
     out = {}
@@ -48,7 +49,8 @@ def step_fix_runs(family: str, model: dict, layout: dict, settings: dict, resume
     the uninterrupted run, one after another in this process."""
     import torch.distributed as dist
 
-    from ucp_plugin.megatron import cpu_shim, distopt_fixes
+    from ucp_plugin.megatron import distopt_fixes
+    from ucp_plugin.testing import cpu_shim
 
     cpu_shim.install()
     dist.init_process_group("gloo")
@@ -60,9 +62,9 @@ def step_fix_runs(family: str, model: dict, layout: dict, settings: dict, resume
 
 
 def _resume_in_place(family, model, layout, settings, resume_after) -> dict:
-    from ucp_plugin.megatron.harness import TrainSettings, setup, token_batches, train_step
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
+    from ucp_plugin.testing.harness import TrainSettings, setup, token_batches, train_step
 
     cfg, sets = ModelConfig(**model), TrainSettings(**settings)
     run = setup(family, cfg, MegatronLayout(**layout), sets)
@@ -88,7 +90,7 @@ def run_plan(runs: list[dict], runners: dict | None = None) -> dict:
     layout; all layouts have this job's world size). Each run is {"id", "kind": "save" | "load",
     "args"}. Returns {id: result}; a run that raises gives {"error": "<type>: <message>"} (the errors
     expected here are raised on every rank alike, so the other runs go on)."""
-    from ucp_plugin.megatron.harness import init_process
+    from ucp_plugin.testing.harness import init_process
 
     init_process()
     out = {}
@@ -107,9 +109,9 @@ def save_run(family: str, model: dict, layout: dict, settings: dict, root: str, 
     import time
 
     from ucp_plugin.megatron.checkpoint import save_universal
-    from ucp_plugin.megatron.harness import TrainSettings, setup, stage_summary, token_batches, train_step
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
+    from ucp_plugin.testing.harness import TrainSettings, setup, stage_summary, token_batches, train_step
 
     cfg, sets = ModelConfig(**model), TrainSettings(**settings)
     run = setup(family, cfg, MegatronLayout(**layout), sets)
@@ -129,9 +131,9 @@ def load_run(family: str, model: dict, layout: dict, settings: dict, root: str,
     first; the model starts from its own initial weights), re-save at once to ``resave_root`` before
     any step, train the remaining steps."""
     from ucp_plugin.megatron.checkpoint import save_universal
-    from ucp_plugin.megatron.harness import TrainSettings, resume, stage_summary, token_batches, train_step
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
+    from ucp_plugin.testing.harness import TrainSettings, resume, stage_summary, token_batches, train_step
 
     cfg, sets = ModelConfig(**model), TrainSettings(**settings)
     run, state = resume(family, cfg, MegatronLayout(**layout), sets, root, optimizer=optimizer)

@@ -144,7 +144,7 @@ def test_geometry_matches_deepspeed(world_size, tmp_path):
     """One launch per world size; every rank builds one engine per config (ZeRO-0/1/2/3, fp32/bf16,
     BF16_Optimizer, parameter alignment, sub-groups, two param groups, tied head)."""
     from tests.ds_workers import GEOMETRY_CONFIGS
-    from ucp_plugin.launcher import run_workers
+    from ucp_plugin.testing.launcher import run_workers
 
     env = {"PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     results = run_workers(world_size, "tests.ds_workers:geometry", {"names": list(GEOMETRY_CONFIGS)},

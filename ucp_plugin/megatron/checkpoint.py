@@ -36,8 +36,7 @@ from ..session import SaveHeader, save_universal as run_save
 from ..storage import Checkpoint, ShardWriter
 from . import optimizer_view as O
 from . import vocab_padding as P
-from .build import unwrap
-from .model_view import ParamEntry, dp_share, layers_per_stage, param_entries, resolve_spec
+from .model_view import ParamEntry, dp_share, layers_per_stage, param_entries, resolve_spec, unwrap
 from .validate import validate_layout
 
 log = logging.getLogger(__name__)

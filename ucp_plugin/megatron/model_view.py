@@ -18,11 +18,11 @@ import torch
 
 from ..errors import SpecError, UnsupportedError
 from ..format import Region
-from ..language import (EXPERT, Blocks, Fused, ModelSpec, Partitioned, Replicated, Split, VocabPartitioned,
-                        is_expert)
+from ..language import (EXPERT, PIPELINE, Blocks, Fused, ModelSpec, Partitioned, Replicated, Split,
+                        VocabPartitioned, is_expert)
+from ..models import family_module
 from ..models.config import ModelConfig
 from ..plan import IDENTITY, TRANSPOSED, Segment, region_for
-from .build import family_module, name_offsets, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -232,3 +232,23 @@ def layers_per_stage(chunks: list) -> tuple[int, ...] | None:
     if config.virtual_pipeline_model_parallel_size:
         return None  # interleaved stages: one count per stage does not describe it
     return tuple(get_num_layers_to_build(config, pp_rank=r) for r in range(pp))
+
+
+def name_offsets(model, cfg: ModelConfig) -> dict[str, int]:
+    """First global index of this rank's layers ("pp") and experts ("ep"), for ``ModelSpec.to_global``."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    # with virtual pipeline stages each model chunk knows its own vp_stage
+    offsets = {PIPELINE: get_transformer_layer_offset(model.config, getattr(model, "vp_stage", None))}
+    if cfg.experts:
+        local_experts = cfg.experts // parallel_state.get_expert_model_parallel_world_size()
+        offsets[EXPERT] = parallel_state.get_expert_model_parallel_rank() * local_experts
+    return offsets
+
+
+def unwrap(model):
+    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model

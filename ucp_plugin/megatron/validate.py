@@ -19,9 +19,9 @@ import os
 from ..errors import LayoutError, UnsupportedError
 from ..format import MANIFEST, Layout, Manifest
 from ..language import ModelSpec
+from ..models import family_module
 from ..models.config import ModelConfig
 from ..storage import Checkpoint, resolve
-from .build import family_module
 from .layout import MegatronLayout
 from .vocab_padding import SUFFIX
 

@@ -30,15 +30,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..deepspeed.params import ParamMap, register_binding
-from ..errors import StateMismatchError, UnsupportedError
-from ..format import Layout
-from ..models.config import ModelConfig
-from .build import unwrap
-from .checkpoint import RankView, check_atoms, model_info, read_local, write_entry, writes
-from .model_view import layers_per_stage, param_entries, resolve_spec
-from .validate import validate_layout
-from .vocab_padding import SUFFIX as PADDING_SUFFIX
+from ...deepspeed.params import ParamMap, register_binding
+from ...errors import StateMismatchError, UnsupportedError
+from ...format import Layout
+from ...megatron.checkpoint import RankView, check_atoms, model_info, read_local, write_entry, writes
+from ...megatron.model_view import layers_per_stage, param_entries, resolve_spec, unwrap
+from ...megatron.validate import validate_layout
+from ...megatron.vocab_padding import SUFFIX as PADDING_SUFFIX
+from ...models.config import ModelConfig
 
 
 @dataclass(frozen=True)
