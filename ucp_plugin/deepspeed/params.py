@@ -16,11 +16,10 @@ from typing import Protocol
 import torch
 
 from ..errors import StateMismatchError
-from ..format import Atom, Layout, Region, dtype_name
+from ..format import WEIGHT_STATE, Atom, Layout, Region, dtype_name
 from ..language import Replicated
 
 SPLIT = Replicated().to_json()  # a plain DeepSpeed parameter is never split over TP
-WEIGHT = {"param": "fp32", "frozen": "param", "buffer": "param"}
 
 
 def _some(names: list) -> str:
@@ -65,7 +64,7 @@ class ParamMap:
         return source.read(name, state, start, stop, dtype)
 
     def read_weight(self, source, name: str, start: int, stop: int, dtype) -> torch.Tensor:
-        return self.read(source, name, WEIGHT[self.atom(source, name).kind], start, stop, dtype)
+        return self.read(source, name, WEIGHT_STATE[self.atom(source, name).kind], start, stop, dtype)
 
     def check(self, source, view, strict: bool) -> None:
         """Every parameter/buffer of the model is in the checkpoint with the same shape (and, when

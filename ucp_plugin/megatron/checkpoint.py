@@ -8,7 +8,7 @@ scalar states (``step``). A TP-replicated parameter is written by TP rank 0 (all
 split's ``reduce`` is "check"/"average"); a tied output layer is not written (it is the embedding's
 atom); vocabulary padding rows are never written. A ``Blocks`` parameter (megatron's legacy
 GroupedMLP: all local experts in one tensor) is written to the atoms of its segments, each block's
-part of the range in that atom's canonical order (``plan.blocks``), and read back the same way.
+part of the range in that atom's canonical order (``plan.segments``), and read back the same way.
 Rank 0 writes the common state (iteration, scheduler, optimizer hyper-parameters, grad scaler,
 caller's extra state); every rank its RNG.
 
@@ -29,19 +29,19 @@ import torch
 
 from ..comm import Comm
 from ..errors import StateMismatchError
-from ..format import Atom, Layout, dtype_name
+from ..format import WEIGHT_STATE, Atom, Layout, dtype_name
 from ..language import Replicated
 from ..models.config import ModelConfig
 from ..session import SaveHeader, save_universal as run_save
 from ..storage import Checkpoint, ShardWriter
 from . import optimizer_view as O
 from . import vocab_padding as P
-from .model_view import ParamEntry, dp_share, layers_per_stage, param_entries, resolve_spec, unwrap
+from ..plan.zero import even_share
+from .model_view import ParamEntry, as_chunks, layers_per_stage, param_entries, resolve_spec, unwrap
 from .validate import validate_layout
 
 log = logging.getLogger(__name__)
 ADAPTER, ADAPTER_VERSION = "megatron.core", "1"
-WEIGHT = {"param": "fp32", "frozen": "param"}
 _HYPER_TYPES = (int, float, bool, str, type(None))
 PAD_SPLIT = Replicated().to_json()  # a padding atom is read by explicit row ranges, never planned by split
 
@@ -53,10 +53,6 @@ class RankView:
     config: ModelConfig
     entries: tuple[ParamEntry, ...]
     layout: Layout
-
-
-def as_chunks(model) -> list:
-    return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
 def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None) -> RankView:
@@ -94,7 +90,7 @@ def _pieces(e: ParamEntry, master: O.Master | None) -> tuple[int, int, dict, dic
     if master is not None and master.distributed:
         start, stop = master.start, master.stop
     else:
-        start, stop = dp_share(e.param.numel(), e.dp_rank, e.dp)
+        start, stop = even_share(e.param.numel(), e.dp_rank, e.dp)
     if master is None:
         flat = e.param.detach().reshape(-1)[start:stop]
         key = "fp32" if e.param.requires_grad else "param"
@@ -289,7 +285,7 @@ def load_params(ck: Checkpoint, view: RankView, optimizer, with_opt: bool) -> No
     owned = O.masters(optimizer) if optimizer is not None else {}
     for e in view.entries:
         kind = ck.atom(e.atoms[0][0]).kind
-        weight = read_local(ck, e, WEIGHT[kind], 0, e.param.numel(), torch.float32)
+        weight = read_local(ck, e, WEIGHT_STATE[kind], 0, e.param.numel(), torch.float32)
         e.param.copy_(weight.view(e.param.shape))
         master = owned.get(e.param)
         if master is not None:
@@ -371,7 +367,7 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
         O.ensure_state(optimizer)
     comm.run(lambda: load_params(ck, view, optimizer, with_opt))
     used = comm.all_sum(_counted(view))
-    stored = sum(1 for a in ck.manifest.atoms if a.kind in WEIGHT and not a.name.endswith(P.SUFFIX))
+    stored = sum(1 for a in ck.manifest.atoms if a.kind in ("param", "frozen") and not a.name.endswith(P.SUFFIX))
     if strict and used != stored:
         raise StateMismatchError(f"{ck.path}: the checkpoint has {stored} parameters, this model uses "
                                  f"{used}; inspect both (ucp inspect) or pass strict=False")

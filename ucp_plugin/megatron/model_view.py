@@ -1,7 +1,7 @@
 """What one rank holds of a Megatron model, in the checkpoint language: for each local parameter its
 global (atom) name, split, global shape and the region of the atom its local tensor is; or, for a
 parameter made of several atoms' blocks (a ``Blocks`` split: megatron's legacy GroupedMLP), the
-segments of its local tensor and the atom region each one is (``plan.blocks``).
+segments of its local tensor and the atom region each one is (``plan.segments``).
 
 The family's ``ModelSpec`` comes from a ``ModelConfig``; for a model built elsewhere (Megatron-LM)
 it is read off megatron's ``TransformerConfig`` (``infer_model_config``), except the unpadded vocabulary
@@ -216,12 +216,6 @@ def block_segments(name: str, split: Blocks, shape: tuple[int, ...], count: int,
     return tuple(segments)
 
 
-def dp_share(numel: int, dp_rank: int, dp: int) -> tuple[int, int]:
-    """The elements DP rank ``dp_rank`` writes of a tensor every DP rank holds (near-equal slices)."""
-    per = -(-numel // dp)
-    return min(dp_rank * per, numel), min((dp_rank + 1) * per, numel)
-
-
 def layers_per_stage(chunks: list) -> tuple[int, ...] | None:
     """Transformer layers on each pipeline stage (for the manifest)."""
     from megatron.core import parallel_state as ps
@@ -245,6 +239,12 @@ def name_offsets(model, cfg: ModelConfig) -> dict[str, int]:
         local_experts = cfg.experts // parallel_state.get_expert_model_parallel_world_size()
         offsets[EXPERT] = parallel_state.get_expert_model_parallel_rank() * local_experts
     return offsets
+
+
+def as_chunks(model) -> list:
+    """The model chunks (one per virtual pipeline stage) of a model or a list of them, as
+    Megatron-LM passes them."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
 def unwrap(model):

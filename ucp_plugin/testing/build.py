@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from ..errors import LayoutError
-from ..language import ModelSpec, is_expert
+from ..language import ModelSpec, VocabPartitioned, is_expert
 from ..megatron.layout import MegatronLayout
 from ..megatron.model_view import name_offsets, unwrap
 from ..models import family_module
@@ -21,13 +21,6 @@ from ..models.config import Architecture, ModelConfig
 
 def model_spec(family: str, cfg: ModelConfig) -> ModelSpec:
     return family_module(family).spec(cfg)
-
-
-def padded_vocab(cfg: ModelConfig, tp: int) -> int:
-    """Megatron pads the vocabulary to a multiple of ``divisible_by * TP`` (the extra rows exist
-    in the embedding and output layer of that layout only)."""
-    multiple = cfg.divisible_by * tp
-    return -(-cfg.vocab // multiple) * multiple
 
 
 def transformer_config(arch: Architecture, cfg: ModelConfig, layout: MegatronLayout, **overrides):
@@ -98,7 +91,7 @@ def build_stage_model(family: str, cfg: ModelConfig, layout: MegatronLayout, **c
     layout.check_model(cfg.layers, cfg.experts)
     config = transformer_config(arch, cfg, layout, **config_overrides)
     model = GPTModel(config=config, transformer_layer_spec=layer_spec(arch, cfg, config),
-                     vocab_size=padded_vocab(cfg, layout.tp), max_sequence_length=cfg.seq_length,
+                     vocab_size=VocabPartitioned(0, cfg.divisible_by).padded_size(cfg.vocab, layout.tp), max_sequence_length=cfg.seq_length,
                      pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage(),
                      share_embeddings_and_output_weights=cfg.tied, position_embedding_type=arch.position)

@@ -53,7 +53,7 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler,
         log.warning("--async-save: universal checkpoints are saved synchronously")
     from ...megatron.checkpoint import save_universal
 
-    save_universal(model_chunks(model), None if getattr(args, "no_save_optim", False) else optimizer,
+    save_universal(model, None if getattr(args, "no_save_optim", False) else optimizer,
                    save_dir, checkpoint_tag(iteration, release), iteration,
                    None if opt_param_scheduler is None else opt_param_scheduler.state_dict(),
                    progress_state(args, num_floating_point_operations_so_far),
@@ -82,7 +82,7 @@ def load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg='load', 
     with_optim = optimizer is not None and not finetune and not getattr(args, "no_load_optim", False)
     from ...megatron.checkpoint import load_universal
 
-    state = load_universal(model_chunks(ddp_model), optimizer if with_optim else None, load_dir,
+    state = load_universal(ddp_model, optimizer if with_optim else None, load_dir,
                            tag=_step_tag(args), verify=opts.load_verify)
     if with_optim and opt_param_scheduler is not None and state.get("scheduler_state") is not None:
         opt_param_scheduler.load_state_dict(state["scheduler_state"])
@@ -103,9 +103,6 @@ def megatron_args():
     return get_args()
 
 
-def model_chunks(model) -> list:
-    """Megatron-LM passes the model as a list of (wrapped) chunks, one per virtual pipeline stage."""
-    return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
 def checkpoint_tag(iteration: int, release: bool = False) -> str:
