@@ -41,7 +41,8 @@ def add_ucp_args(parser: argparse.ArgumentParser, check_patched: bool = True) ->
              "(default: on; --no-universal-load-verify skips it).")
     group.add_argument(
         "--universal-model-family", choices=FAMILIES, default=None,
-        help="The parameter patterns to save with. Default: inferred from the model flags "
+        help="The parameter patterns to save with (a registered family: ucp_plugin.models.FAMILIES). "
+             "Default: inferred from the model flags "
              "(--num-experts: mixtral; --swiglu: llama; otherwise gpt).")
     return parser
 
