@@ -103,9 +103,10 @@ def run_plan(runs: list[dict], runners: dict | None = None) -> dict:
 
 
 def save_run(family: str, model: dict, layout: dict, settings: dict, root: str, save_after: int,
-             optimizer: bool = True) -> dict:
+             optimizer: bool = True, plain: bool = False) -> dict:
     """Train from the reference weights, save a universal checkpoint after ``save_after`` steps, train
-    on: the uninterrupted run's losses."""
+    on: the uninterrupted run's losses. ``plain``: save as a user would without describing the model
+    (no family, config or vocabulary size)."""
     import time
 
     from ucp_plugin.megatron.checkpoint import save_universal
@@ -118,25 +119,30 @@ def save_run(family: str, model: dict, layout: dict, settings: dict, root: str, 
     tokens = token_batches(cfg, sets)
     losses = [train_step(run, t) for t in tokens[:save_after]]
     start = time.perf_counter()
+    described = {} if plain else dict(family=family, config=cfg, extra_state={"note": "test"})
     path = save_universal(run.model, run.optimizer if optimizer else None, root, f"iter_{save_after:07d}",
-                          save_after, family=family, config=cfg, extra_state={"note": "test"})
+                          save_after, **described)
     seconds = time.perf_counter() - start
     losses += [train_step(run, t) for t in tokens[save_after:]]
     return {"losses": losses, "path": path, "save_seconds": seconds, **stage_summary(run)}
 
 
 def load_run(family: str, model: dict, layout: dict, settings: dict, root: str,
-             resave_root: str | None = None, optimizer: bool = True) -> dict:
+             resave_root: str | None = None, optimizer: bool = True, plain: bool = False,
+             vocab: int | None = None) -> dict:
     """Resume the checkpoint in ``root`` at ``layout`` (the layout is validated against its manifest
     first; the model starts from its own initial weights), re-save at once to ``resave_root`` before
-    any step, train the remaining steps."""
+    any step, train the remaining steps. ``plain``: load without describing the model (only
+    ``vocab``, when given)."""
     from ucp_plugin.megatron.checkpoint import save_universal
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
     from ucp_plugin.testing.harness import TrainSettings, resume, stage_summary, token_batches, train_step
 
     cfg, sets = ModelConfig(**model), TrainSettings(**settings)
-    run, state = resume(family, cfg, MegatronLayout(**layout), sets, root, optimizer=optimizer)
+    described = ({"vocab": vocab} if vocab else {}) if plain else None
+    run, state = resume(family, cfg, MegatronLayout(**layout), sets, root, optimizer=optimizer,
+                        described=described)
     it, opt = state["iteration"], run.optimizer if optimizer else None
     resaved = save_universal(run.model, opt, resave_root, f"iter_{it:07d}", it, state["scheduler_state"],
                              state["extra_state"], family=family, config=cfg) if resave_root else None

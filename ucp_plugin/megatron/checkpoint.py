@@ -37,7 +37,8 @@ from ..storage import Checkpoint, ShardWriter
 from . import optimizer_view as O
 from . import vocab_padding as P
 from ..plan.zero import even_share
-from .model_view import ParamEntry, as_chunks, layers_per_stage, param_entries, resolve_spec, unwrap
+from .model_view import (ParamEntry, as_chunks, layers_per_stage, megatron_lm_vocab, param_entries, resolve_spec,
+                         unwrap)
 from .validate import validate_layout
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,13 @@ class RankView:
     config: ModelConfig
     entries: tuple[ParamEntry, ...]
     layout: Layout
+    padded_vocab: int | None = None  # set when the true vocabulary size is unknown (``vocab_padding``)
 
 
 def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None) -> RankView:
     from megatron.core import parallel_state as ps
 
+    known = config is not None or bool(vocab) or bool(megatron_lm_vocab()[0])
     family, config, spec = resolve_spec(chunks, family, config, vocab)
     tconfig = unwrap(chunks[0]).config
     param_dtype = dtype_name(next(unwrap(chunks[0]).parameters()).dtype)
@@ -69,7 +72,8 @@ def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None)
                     param_dtype=param_dtype, layers_per_stage=layers_per_stage(chunks),
                     # a dense model has no expert layers, so no expert-TP size to record
                     etp=ps.get_expert_tensor_parallel_world_size() if config.experts else None)
-    return RankView(family, config, tuple(param_entries(chunks, spec, config)), layout)
+    return RankView(family, config, tuple(param_entries(chunks, spec, config)), layout,
+                    None if known else config.vocab)
 
 
 # ------------------------------------------------------------------------------------------- save
@@ -190,10 +194,12 @@ def rank_state() -> dict:
     return state
 
 
-def model_info(config: ModelConfig) -> dict:
-    """The manifest's ``model``: what ``validate.validate_layout`` checks a target layout against."""
-    return {"num_layers": config.layers, "num_experts": config.experts, "num_heads": config.heads,
+def model_info(config: ModelConfig, padded_vocab: int | None = None) -> dict:
+    """The manifest's ``model``: what ``validate.validate_layout`` checks a target layout against
+    (``padded_vocab``: the vocabulary atoms hold that many rows, the true size unknown)."""
+    info = {"num_layers": config.layers, "num_experts": config.experts, "num_heads": config.heads,
             "num_query_groups": config.groups, "config": asdict(config)}
+    return info if padded_vocab is None else {**info, "padded_vocab": padded_vocab}
 
 
 def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | None = None,
@@ -206,7 +212,8 @@ def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | N
     chunks, comm = as_chunks(model), Comm()
     view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
     header = SaveHeader(ADAPTER, ADAPTER_VERSION, "megatron-core", megatron.core.__version__, view.layout,
-                        family=view.family, iteration=iteration, model=model_info(view.config))
+                        family=view.family, iteration=iteration,
+                        model=model_info(view.config, view.padded_vocab))
 
     def fill(writer: ShardWriter) -> None:
         write_params(writer, view, optimizer)
@@ -230,7 +237,7 @@ def check_atoms(ck: Checkpoint, view: RankView) -> None:
                                  f"lacks, e.g. {missing[:5]}; is it the same model (family "
                                  f"{view.family!r}, {view.config})?")
     bad = [(name, list(stored[name].shape), list(shape)) for name, shape in wanted
-           if tuple(stored[name].shape) != tuple(shape)]
+           if tuple(stored[name].shape) != tuple(shape) and not P.holds_padding(ck.manifest, name, shape)]
     if bad:
         raise StateMismatchError(f"{ck.path}: shape mismatch (atom, checkpoint, this model): {bad[:5]}; "
                                  "check the ModelConfig (vocab, ffn, heads, query groups)")
@@ -356,9 +363,11 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
     """Every rank calls this. Returns {"iteration", "scheduler_state", "extra_state"}. The optimizer
     states are loaded when ``optimizer`` is given and the checkpoint has them."""
     chunks, comm = as_chunks(model), Comm()
-    view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
     path = os.path.join(str(load_dir), tag) if tag else str(load_dir)
     ck = comm.run(lambda: Checkpoint.open(path, verify))
+    if config is None and not vocab and not megatron_lm_vocab()[0]:
+        vocab = comm.run(lambda: P.vocab_to_load(ck, unwrap(chunks[0]).vocab_size))
+    view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
     if (ck.manifest.model or {}).get("config"):  # the manifest records the model: check the layout first
         comm.run(lambda: validate_layout(ck.manifest, view.layout))
     comm.run(lambda: check_atoms(ck, view))

@@ -6,7 +6,9 @@ segments of its local tensor and the atom region each one is (``plan.segments``)
 The family's ``ModelSpec`` comes from a ``ModelConfig``; for a model built elsewhere (Megatron-LM)
 it is read off megatron's ``TransformerConfig`` (``infer_model_config``), except the unpadded vocabulary
 size, which megatron never sees (it builds the embedding with the padded size): it comes from the
-caller or from Megatron-LM's arguments / tokenizer.
+caller, from Megatron-LM's arguments / tokenizer, or, at load, from the checkpoint. Where none knows
+it, the padded size stands for the vocabulary (``vocab_padding``: such a checkpoint loads wherever the
+padded size is the same; a reshard to another padded size then asks for the true size).
 """
 from __future__ import annotations
 
@@ -107,18 +109,23 @@ def megatron_lm_vocab() -> tuple[int | None, int | None]:
 
 
 def infer_model_config(model, vocab: int | None = None, divisible_by: int | None = None) -> ModelConfig:
-    """The ModelConfig of a megatron GPTModel (any chunk of it)."""
+    """The ModelConfig of a megatron GPTModel (any chunk of it). Without a vocabulary size (argument or
+    Megatron-LM), the padded size is the vocabulary; without ``divisible_by``, the one that pads
+    ``vocab`` to the model's padded size at this TP (``padded // TP``: the same rows whatever the
+    model was built with)."""
+    from megatron.core import parallel_state as ps
+
     gpt = unwrap(model)
     c = gpt.config
     lm_vocab, lm_divisible = megatron_lm_vocab()
-    vocab = vocab or lm_vocab
-    if not vocab:
-        raise UnsupportedError("the unpadded vocabulary size is unknown (megatron only knows the padded "
-                               f"{gpt.vocab_size}); pass config=ModelConfig(...) or vocab=N to "
-                               "save_universal/load_universal")
+    vocab = vocab or lm_vocab or gpt.vocab_size
+    if vocab > gpt.vocab_size:
+        raise UnsupportedError(f"vocab={vocab} is more than this model's padded vocabulary "
+                               f"({gpt.vocab_size} rows); pass the true vocabulary size")
     return ModelConfig(hidden=c.hidden_size, heads=c.num_attention_heads, ffn=c.ffn_hidden_size,
                        layers=c.num_layers, vocab=vocab, query_groups=c.num_query_groups,
-                       divisible_by=divisible_by or lm_divisible or 128,
+                       divisible_by=divisible_by or lm_divisible
+                       or gpt.vocab_size // ps.get_tensor_model_parallel_world_size(),
                        tied=bool(gpt.share_embeddings_and_output_weights),
                        experts=c.num_moe_experts or 0, topk=c.moe_router_topk,
                        moe_ffn=c.moe_ffn_hidden_size if c.num_moe_experts else None,

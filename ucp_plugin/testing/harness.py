@@ -216,16 +216,19 @@ def stage_summary(run: Run) -> dict:
 
 
 def resume(family: str, cfg: ModelConfig, layout: MegatronLayout, settings: TrainSettings, load_dir: str,
-           overrides: dict | None = None, optimizer: bool = True) -> tuple[Run, dict]:
+           overrides: dict | None = None, optimizer: bool = True, described: dict | None = None
+           ) -> tuple[Run, dict]:
     """Check ``layout`` against the checkpoint in ``load_dir`` (its manifest only: nothing is built or
     read before), build this rank's stage with its own initial weights and load the checkpoint
-    (``optimizer=False``: the weights only). Returns the run and ``load_universal``'s state."""
+    (``optimizer=False``: the weights only). ``described``: what ``load_universal`` is told about the
+    model (default: family and config). Returns the run and ``load_universal``'s state."""
     from ..megatron.checkpoint import load_universal
 
     validate_layout(load_dir, layout)
     run = setup(family, cfg, layout, settings, reference_init=False, overrides=overrides)
     opt = run.optimizer if optimizer else None
-    return run, load_universal(run.model, opt, load_dir, family=family, config=cfg)
+    described = dict(family=family, config=cfg) if described is None else described
+    return run, load_universal(run.model, opt, load_dir, **described)
 
 
 def init_process() -> None:
