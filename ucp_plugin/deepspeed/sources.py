@@ -23,9 +23,12 @@ class UcpSource:
         self.dp, self.tp = checkpoint.manifest.layout.dp, checkpoint.manifest.layout.tp
         self.requested = 0
 
-    def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    reads_in_place = True  # ``read(..., out=)`` fills the caller's tensor without a temporary
+
+    def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         meta = self.atoms[name]
-        out = self.checkpoint.read_fragment(name, state, Region.whole(meta.shape), start, stop, dtype)
+        out = self.checkpoint.read_fragment(name, state, Region.whole(meta.shape), start, stop, dtype, out=out)
         self.note_request(name, state, stop - start)
         return out
 

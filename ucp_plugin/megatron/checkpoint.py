@@ -245,17 +245,19 @@ def has_optimizer_states(ck: Checkpoint) -> bool:
     return any(set(a.states) - {"fp32"} for a in ck.manifest.atoms if a.kind == "param")
 
 
-def read_local(ck: Checkpoint, e: ParamEntry, state: str, start: int, stop: int, dtype) -> torch.Tensor:
-    """Local elements [start, stop) of ``e``'s ``state``, vocabulary padding rows included."""
+def read_local(ck: Checkpoint, e: ParamEntry, state: str, start: int, stop: int, dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Local elements [start, stop) of ``e``'s ``state``, vocabulary padding rows included (into
+    ``out`` when given, with no temporary)."""
     if e.segments:
-        out = torch.zeros(stop - start, dtype=dtype)
+        out = torch.zeros(stop - start, dtype=dtype) if out is None else out.zero_()
         for seg in e.segments:
             cut = seg.overlap(start, stop)
             if cut is not None:
-                out[cut[0] - start:cut[1] - start] = ck.read_fragment(
-                    seg.atom, state, seg.region, cut[0] - seg.offset, cut[1] - seg.offset, dtype, seg.order)
+                ck.read_fragment(seg.atom, state, seg.region, cut[0] - seg.offset, cut[1] - seg.offset, dtype,
+                                 seg.order, out=out[cut[0] - start:cut[1] - start])
         return out
-    out = ck.read_fragment(e.source, state, e.region, start, stop, dtype)
+    out = ck.read_fragment(e.source, state, e.region, start, stop, dtype, out=out)
     P.overlay(ck, e, state, start, out)
     return out
 
@@ -271,7 +273,10 @@ def _load_master(ck: Checkpoint, e: ParamEntry, master: O.Master, weight: torch.
             raise StateMismatchError(f"{ck.path}: parameter {lacking.name!r} has no optimizer state {key!r} "
                                      f"(it has {sorted(lacking.states)}); load with the optimizer that saved "
                                      "it, or without optimizer state")
-        live.copy_(read_local(ck, e, key, master.start, master.stop, live.dtype).view(live.shape))
+        if live.is_contiguous():
+            read_local(ck, e, key, master.start, master.stop, live.dtype, out=live.view(-1))
+        else:
+            live.copy_(read_local(ck, e, key, master.start, master.stop, live.dtype).view(live.shape))
     O.set_scalars(master.state, _scalars(ck.path, e, atoms))
 
 

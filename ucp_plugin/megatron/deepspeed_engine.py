@@ -126,10 +126,10 @@ class MegatronParamMap(ParamMap):
     def has(self, source, name: str) -> bool:
         return self.entries[name].source in source.atoms
 
-    def read(self, source, name: str, state: str, start: int, stop: int, dtype) -> torch.Tensor:
+    def read(self, source, name: str, state: str, start: int, stop: int, dtype, out=None) -> torch.Tensor:
         e = self.entries[name]
         source.note_request(e.source, state, stop - start)  # padding rows: same dtype, its own atom
-        return read_local(source.checkpoint, e, state, start, stop, dtype)
+        return read_local(source.checkpoint, e, state, start, stop, dtype, out)
 
     def check(self, source, view, strict: bool) -> None:
         ck = getattr(source, "checkpoint", None)

@@ -70,7 +70,7 @@ def overlay(ck, e: ParamEntry, state: str, start: int, out: torch.Tensor) -> Non
     saved = (reg.intervals[0][1] - reg.intervals[0][0]) * inner
     lo, hi = max(start, real) - real, min(stop - real, saved)
     if hi > lo:
-        out[lo + real - start:hi + real - start] = ck.read_fragment(name, state, reg, lo, hi, out.dtype)
+        ck.read_fragment(name, state, reg, lo, hi, out.dtype, out=out[lo + real - start:hi + real - start])
 
 
 def _warn_if_resized(e: ParamEntry, saved_rows: int) -> None:

@@ -48,6 +48,14 @@ def resolve(path: str) -> str:
                       "folder with 'latest'")
 
 
+def _destination(out: torch.Tensor | None, n: int, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if out is None:
+        return torch.empty(n, dtype=dtype)
+    if out.dim() != 1 or out.numel() != n:
+        raise ValueError(f"reading {name!r}: destination has shape {tuple(out.shape)}, expected ({n},)")
+    return out
+
+
 class Checkpoint:
     def __init__(self, path: str, manifest: Manifest, verify: bool = True):
         self.path, self.manifest, self.verify = path, manifest, verify
@@ -95,20 +103,25 @@ class Checkpoint:
         self._handles.clear()
 
     def read_fragment(self, name: str, state: str, region: Region, start: int, stop: int,
-                      dtype: torch.dtype = torch.float32, order: str = IDENTITY) -> torch.Tensor:
+                      dtype: torch.dtype = torch.float32, order: str = IDENTITY,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
         """Local elements ``[start, stop)`` of ``region`` of atom ``name``'s ``state``, the local
         tensor taken in ``order`` (``plan.blocks``: "transposed" for a GroupedMLP block). Padding
-        elements (vocabulary padding) are zero."""
+        elements (vocabulary padding) are zero. With ``out`` (1-D, ``stop - start`` elements, any
+        dtype and device: typically a slice of the engine's own buffer) the elements are copied
+        straight into it and it is returned; nothing else is allocated."""
+        out = _destination(out, stop - start, dtype, name)
         if order == TRANSPOSED:
-            return self._read_transposed(name, state, region, start, stop, dtype)
+            return self._read_transposed(name, state, region, start, stop, out)
         if order != IDENTITY:
             raise ValueError(f"reading {name!r}: unknown local order {order!r}")
         atom = self.atom(name)
         if state not in atom.states:
             raise StateMismatchError(f"parameter {name!r} has no state {state!r} in {self.path} "
                                      f"(it has {sorted(atom.states)})")
-        out = torch.zeros(stop - start, dtype=dtype)
         target = runs(region, atom.shape, start, stop)
+        if target.total != stop - start:
+            out.zero_()  # padding elements belong to no atom element: zero, as documented
         pieces = [p for p in atom.pieces if p.state == state]
         reduce = split_from_json(atom.split).reduce if atom.split.get("kind") == "replicated" else "first"
         replicas = sorted({p.replica for p in pieces}) if reduce != "first" else [0]
@@ -125,11 +138,12 @@ class Checkpoint:
             out.copy_(acc / len(replicas) if reduce == "average" else acc)
         return out
 
-    def _read_transposed(self, name, state, region, start, stop, dtype) -> torch.Tensor:
+    def _read_transposed(self, name, state, region, start, stop, out: torch.Tensor) -> torch.Tensor:
         """Each rectangle of the range read in canonical order, scattered with one strided copy."""
-        out = torch.zeros(stop - start, dtype=dtype)
+        if not out.is_contiguous():
+            raise ValueError(f"reading {name!r} transposed: the destination must be contiguous")
         for r in transposed_rects(region, self.atom(name).shape, start, stop):
-            rect = self.read_fragment(name, state, r.region, r.start, r.stop, dtype)
+            rect = self.read_fragment(name, state, r.region, r.start, r.stop, out.dtype)
             out.as_strided((r.cols, r.rows), (r.stride, 1), r.offset).copy_(rect.view(r.rows, r.cols).t())
         return out
 
