@@ -227,7 +227,7 @@ def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | N
 
 def check_atoms(ck: Checkpoint, view: RankView) -> None:
     """Every local parameter has its atom(s), with the shape this model expects."""
-    stored = {a.name: a for a in ck.manifest.atoms}
+    stored = {a.name: a for a in ck.top.atoms}
     wanted = [atom for e in view.entries for atom in e.atoms]
     missing = sorted({name for name, _ in wanted if name not in stored})
     if missing:
@@ -242,7 +242,7 @@ def check_atoms(ck: Checkpoint, view: RankView) -> None:
 
 
 def has_optimizer_states(ck: Checkpoint) -> bool:
-    return any(set(a.states) - {"fp32"} for a in ck.manifest.atoms if a.kind == "param")
+    return any(set(a.states) - {"fp32"} for a in ck.top.atoms if a.kind == "param")
 
 
 def read_local(ck: Checkpoint, e: ParamEntry, state: str, start: int, stop: int, dtype,
@@ -350,13 +350,13 @@ def restore_state(ck: Checkpoint, view: RankView, optimizer, rank: int, with_opt
     scaler = getattr(optimizer, "grad_scaler", None) if with_opt else None
     if scaler is not None and saved_opt.get("grad_scaler"):
         scaler.load_state_dict(saved_opt["grad_scaler"])
-    same = _rng_grid(ck.manifest.layout) == _rng_grid(view.layout)
+    same = _rng_grid(ck.top.layout) == _rng_grid(view.layout)
     if same and ck.has_state(rank):
         restore_rank_state(ck.load_state(rank))
     else:
-        log.info("layout changed (%s -> %s): RNG states are not restored", ck.manifest.layout.describe(),
+        log.info("layout changed (%s -> %s): RNG states are not restored", ck.top.layout.describe(),
                  view.layout.describe())
-    return {"iteration": common.get("iteration", ck.manifest.iteration),
+    return {"iteration": common.get("iteration", ck.top.iteration),
             "scheduler_state": common.get("scheduler"), "extra_state": common.get("extra")}
 
 
@@ -369,15 +369,15 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
     view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
     path = os.path.join(str(load_dir), tag) if tag else str(load_dir)
     ck = comm.run(lambda: Checkpoint.open(path, verify))
-    if (ck.manifest.model or {}).get("config"):  # the manifest records the model: check the layout first
-        comm.run(lambda: validate_layout(ck.manifest, view.layout))
+    if (ck.top.model or {}).get("config"):  # the manifest records the model: check the layout first
+        comm.run(lambda: validate_layout(ck.top, view.layout))
     comm.run(lambda: check_atoms(ck, view))
     with_opt = optimizer is not None and has_optimizer_states(ck)
     if with_opt:
         O.ensure_state(optimizer)
     comm.run(lambda: load_params(ck, view, optimizer, with_opt))
     used = comm.all_sum(_counted(view))
-    stored = sum(1 for a in ck.manifest.atoms if a.kind in WEIGHT and not a.name.endswith(P.SUFFIX))
+    stored = sum(1 for a in ck.top.atoms if a.kind in WEIGHT and not a.name.endswith(P.SUFFIX))
     if strict and used != stored:
         raise StateMismatchError(f"{ck.path}: the checkpoint has {stored} parameters, this model uses "
                                  f"{used}; inspect both (ucp inspect) or pass strict=False")

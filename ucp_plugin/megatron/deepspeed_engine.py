@@ -145,7 +145,7 @@ class MegatronParamMap(ParamMap):
             raise StateMismatchError(f"{ck.path}: the model's buffers {lost[:5]} are not in the checkpoint; "
                                      "load a checkpoint of this model")
         used = {e.source for e in self.entries.values()}
-        stored = {a.name for a in ck.manifest.atoms
+        stored = {a.name for a in ck.top.atoms
                   if a.kind in ("param", "frozen") and not a.name.endswith(PADDING_SUFFIX)}
         if strict and stored - used:
             raise StateMismatchError(f"{ck.path}: the checkpoint has parameters this model lacks: "

@@ -59,7 +59,7 @@ def overlay(ck, e: ParamEntry, state: str, start: int, out: torch.Tensor) -> Non
         return
     name = atom_name(e.source)
     try:
-        atom = ck.manifest.atom(name)
+        atom = ck.top.atom(name)
     except KeyError:
         return  # saved without padding rows (or by another tool): they stay zero
     _warn_if_resized(e, atom.shape[0])

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
+
 import torch
 
 from ..errors import FormatError, StateMismatchError
-from ..format import MANIFEST, Atom, Manifest, Piece, Region
+from ..format import DIGEST_BYTES, DIGESTS, MANIFEST, Atom, Manifest, Piece, Region
 from ..language import split_from_json
 from ..plan import IDENTITY, TRANSPOSED, apply, intersect, runs, transposed_rects
-from .files import MappedTensors, load_tree, read_latest, tensor_bytes
-
-
-def _inode(folder: str) -> int | None:
-    try:
-        return os.stat(folder).st_ino
-    except FileNotFoundError:
-        return None
+from .files import load_tree, read_latest, tensor_bytes
+from .folder import PinnedFolder
 
 
 def resolve(path: str) -> str:
@@ -57,50 +53,71 @@ def _destination(out: torch.Tensor | None, n: int, dtype: torch.dtype, name: str
 
 
 class Checkpoint:
-    def __init__(self, path: str, manifest: Manifest, verify: bool = True):
-        self.path, self.manifest, self.verify = path, manifest, verify
-        self._handles: dict[str, object] = {}
+    """A committed checkpoint opened for reading. ``top`` is its top manifest (layout, atom table,
+    no pieces in format 1.1); ``atom(name)`` adds the atom's pieces, read from the shard indexes
+    that hold them; ``manifest`` is the whole thing (every index read: for tools, not for loads)."""
+
+    def __init__(self, folder: PinnedFolder, verify: bool = True):
+        self.folder, self.path, self.top, self.verify = folder, folder.path, folder.top, verify
+        self._atoms: dict[str, Atom] = {}
+        self._manifest: Manifest | None = None
         self.bytes_read = 0
 
     @staticmethod
     def open(path: str, verify: bool = True) -> "Checkpoint":
-        """Open a committed checkpoint and map all its tensor files at once. A save that publishes a
-        new checkpoint under the same tag swaps the folder (a new inode); mapping the files while
-        the folder is unchanged pins one consistent version even if it is replaced later."""
+        """Open a committed checkpoint: reads its top manifest and nothing else. The folder is pinned
+        (``storage.folder``): a save that publishes a new checkpoint under the same tag later does
+        not change what this object reads."""
         for _ in range(10):
-            folder = resolve(path)
-            inode = os.stat(folder).st_ino
-            where = os.path.join(folder, MANIFEST)
-            with open(where) as f:
-                manifest = Manifest.from_json(f.read(), where)
-            ck = Checkpoint(folder, manifest, verify)
-            try:
-                for rel in sorted({p.file for a in manifest.atoms for p in a.pieces}):
-                    ck._handle(rel)
-            except FormatError:
-                if _inode(folder) == inode:
-                    raise
-                continue
-            if _inode(folder) == inode:
-                return ck
+            folder = PinnedFolder.open(resolve(path))
+            if folder is not None:
+                return Checkpoint(folder, verify)
         raise FormatError(f"{path}: the checkpoint kept changing while being opened (another job is "
                           "saving into it); retry when that save is done")
 
+    @property
+    def files_opened(self) -> list[str]:
+        """Tensor files this reader has opened, in order."""
+        return list(self.folder.files_opened)
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Bytes of metadata read: top manifest, shard indexes, tensor headers, chunk digests."""
+        return self.folder.metadata_bytes
+
+    @property
+    def manifest(self) -> Manifest:
+        """The whole manifest, every atom with its pieces and every file listed (reads every shard
+        index of a 1.1 checkpoint)."""
+        if self._manifest is None:
+            if not self.top.indexed:
+                self._manifest = self.top
+            else:
+                atoms = tuple(self.atom(a.name) for a in self.top.atoms)
+                self._manifest = replace(self.top, atoms=atoms, files=self.folder.all_files(self.verify))
+        return self._manifest
+
     def atom(self, name: str) -> Atom:
+        """Atom ``name`` with its pieces."""
+        if name in self._atoms:
+            return self._atoms[name]
         try:
-            return self.manifest.atom(name)
+            atom = self.top.atom(name)
         except KeyError:
             raise StateMismatchError(f"parameter {name!r} is not in checkpoint {self.path}; the model "
                                      "has a parameter the checkpoint lacks (a different model or "
                                      "config?)") from None
+        if self.top.indexed:
+            pieces = [p for r in atom.shards for p in self.folder.index(r, self.verify).of(name)]
+            atom = replace(atom, pieces=tuple(pieces))
+        self._atoms[name] = atom
+        return atom
 
     def _handle(self, rel: str):
-        if rel not in self._handles:
-            self._handles[rel] = MappedTensors(os.path.join(self.path, rel))
-        return self._handles[rel]
+        return self.folder.tensors(rel)
 
     def close(self) -> None:
-        self._handles.clear()
+        self.folder.close()
 
     def read_fragment(self, name: str, state: str, region: Region, start: int, stop: int,
                       dtype: torch.dtype = torch.float32, order: str = IDENTITY,
@@ -193,11 +210,23 @@ class Checkpoint:
         c = piece.chunk_elems
         for i in range(0, data.numel(), c):
             k = (lo + i) // c
-            digest = hashlib.sha256(tensor_bytes(data[i:i + c])).hexdigest()
-            if k >= len(piece.digests) or digest != piece.digests[k]:
+            digest = hashlib.sha256(tensor_bytes(data[i:i + c])).digest()
+            if digest != self._digest(piece, k):
                 raise FormatError(f"{os.path.join(self.path, piece.file)}: {piece.key!r} chunk {k} fails "
                                   "its SHA-256 check (the file was modified or damaged); restore the "
                                   "file or re-save, or load with verify=False to skip checks")
+
+    def _digest(self, piece: Piece, k: int) -> bytes | None:
+        """The recorded SHA-256 of chunk ``k`` of ``piece``: inline (1.0) or from the shard's digest
+        tensor (1.1, 32 bytes read and counted as metadata)."""
+        if piece.digest_at < 0:
+            return bytes.fromhex(piece.digests[k]) if k < len(piece.digests) else None
+        table = self._handle(piece.file).flat(DIGESTS)
+        at = (piece.digest_at + k) * DIGEST_BYTES
+        if at + DIGEST_BYTES > table.numel():
+            return None
+        self.folder.metadata_bytes += DIGEST_BYTES
+        return table[at:at + DIGEST_BYTES].numpy().tobytes()
 
     def read_atom(self, name: str, state: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         atom = self.atom(name)
