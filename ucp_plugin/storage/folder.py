@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 
 from ..errors import FormatError
 from ..format import INDEX, MANIFEST, FileEntry, Manifest, ShardIndex
@@ -46,6 +47,7 @@ class PinnedFolder:
         self._listed = {f.path: f for f in top.files}
         self.metadata_bytes = top_bytes
         self.files_opened: list[str] = []
+        self._lock_open = threading.Lock()  # fetches run in a thread pool
 
     @staticmethod
     def open(folder: str) -> "PinnedFolder | None":
@@ -82,7 +84,15 @@ class PinnedFolder:
         except Exception:  # interpreter shutdown: nothing left to release
             pass
 
+    def count(self, metadata_bytes: int) -> None:
+        with self._lock_open:
+            self.metadata_bytes += metadata_bytes
+
     def tensors(self, rel: str) -> MappedTensors:
+        with self._lock_open:
+            return self._tensors_locked(rel)
+
+    def _tensors_locked(self, rel: str) -> MappedTensors:
         if rel not in self._tensors:
             try:
                 self._tensors[rel] = MappedTensors(rel, dir_fd=self._dir)

@@ -1,22 +1,25 @@
 """Reading a universal checkpoint: any fragment of any layout, fetching only the bytes it needs.
 
 ``Checkpoint.open(path)`` accepts a checkpoint folder (with ``ucp.json``) or a save folder with a
-``latest`` file. ``read_fragment`` fills one target fragment from whichever stored pieces overlap
-it, reading for each piece only the chunk-aligned span that covers the overlap and verifying those
-chunks' SHA-256 (``verify=False`` skips it).
+``latest`` file and reads its top manifest only. ``plan`` turns a ``plan.ReadItem`` into a
+``plan.ReadPlan`` (reading just the shard indexes of its atom); ``execute`` carries it out: each
+fetch read once from the memory-mapped shard, its chunks' SHA-256 checked (``verify=False`` skips
+it and reads exactly the copied elements), copied straight into the destination, large plans on a
+small thread pool. ``read_fragment`` is the two in one call.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
 
 from ..errors import FormatError, StateMismatchError
 from ..format import DIGEST_BYTES, DIGESTS, MANIFEST, Atom, Manifest, Piece, Region
-from ..language import split_from_json
-from ..plan import IDENTITY, TRANSPOSED, apply, intersect, runs, transposed_rects
+from ..plan import IDENTITY, TRANSPOSED, transposed_rects
+from ..plan.reads import Copy, Fetch, ReadItem, ReadPlan, plan_read
 from .files import load_tree, read_latest, tensor_bytes
 from .folder import PinnedFolder
 
@@ -42,6 +45,23 @@ def resolve(path: str) -> str:
     raise FormatError(f"{path}: no {MANIFEST} here, so this is not a committed universal checkpoint (an "
                       "interrupted save leaves such a folder); load a committed tag or its parent "
                       "folder with 'latest'")
+
+
+READ_THREADS = int(os.environ.get("UCP_READ_THREADS", "4"))
+PARALLEL_ELEMS = 1 << 22  # below ~16 MB of fp32 a thread pool costs more than it saves
+
+
+def _copy(c: Copy, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """One (strided) copy, converting dtype and device as ``copy_`` does."""
+    if c.count == 1:
+        dst[c.dst:c.dst + c.length].copy_(src[c.src:c.src + c.length])
+        return
+    if dst.stride(0) != 1 or src.stride(0) != 1:
+        for i in range(c.count):
+            dst[c.dst + i * c.dst_stride:][:c.length].copy_(src[c.src + i * c.src_stride:][:c.length])
+        return
+    d = dst.as_strided((c.count, c.length), (c.dst_stride, 1), dst.storage_offset() + c.dst)
+    d.copy_(src.as_strided((c.count, c.length), (c.src_stride, 1), src.storage_offset() + c.src))
 
 
 def _destination(out: torch.Tensor | None, n: int, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -132,28 +152,45 @@ class Checkpoint:
             return self._read_transposed(name, state, region, start, stop, out)
         if order != IDENTITY:
             raise ValueError(f"reading {name!r}: unknown local order {order!r}")
-        atom = self.atom(name)
-        if state not in atom.states:
-            raise StateMismatchError(f"parameter {name!r} has no state {state!r} in {self.path} "
-                                     f"(it has {sorted(atom.states)})")
-        target = runs(region, atom.shape, start, stop)
-        if target.total != stop - start:
+        return self.execute(self.plan(ReadItem(name, state, region, start, stop)), out)
+
+    def plan(self, item: ReadItem) -> ReadPlan:
+        """The read plan for ``item`` (reads the shard indexes naming its atom, no tensor bytes)."""
+        return plan_read(self.atom(item.atom), item, self.verify, self.path)
+
+    def execute(self, plan: ReadPlan, out: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Fill ``out`` (1-D, the item's length; allocated in ``dtype`` when None) per ``plan``:
+        each fetch read once, verified, copied straight into ``out`` (on its device)."""
+        out = _destination(out, plan.item.numel, dtype, plan.item.atom)
+        if plan.padded:
             out.zero_()  # padding elements belong to no atom element: zero, as documented
-        pieces = [p for p in atom.pieces if p.state == state]
-        reduce = split_from_json(atom.split).reduce if atom.split.get("kind") == "replicated" else "first"
-        replicas = sorted({p.replica for p in pieces}) if reduce != "first" else [0]
-        filled = 0
+        if len(plan.replicas) == 1:
+            self._run(plan.replicas[0], out)
+            return out
         acc = None
-        for replica in replicas:
-            part = torch.zeros_like(out) if len(replicas) > 1 else out
-            filled = self._fill(atom, [p for p in pieces if p.replica == replica], target, part)
-            acc = self._combine(name, reduce, acc, part)
-        if filled != target.total:
-            raise FormatError(f"{self.path}: the pieces of {name!r} state {state!r} cover {filled} of the "
-                              f"{target.total} elements asked for; the checkpoint is incomplete")
-        if len(replicas) > 1:
-            out.copy_(acc / len(replicas) if reduce == "average" else acc)
-        return out
+        for fetches in plan.replicas:
+            part = torch.zeros_like(out)
+            self._run(fetches, part)
+            acc = self._combine(plan.item.atom, plan.reduce, acc, part)
+        return out.copy_(acc / len(plan.replicas) if plan.reduce == "average" else acc)
+
+    def _run(self, fetches: tuple[Fetch, ...], out: torch.Tensor) -> None:
+        big = sum(f.elements for f in fetches) >= PARALLEL_ELEMS and len(fetches) > 1
+        if big:  # file reads, hashing and tensor copies release the GIL
+            with ThreadPoolExecutor(min(READ_THREADS, len(fetches))) as pool:
+                self.bytes_read += sum(pool.map(lambda f: self._fetch(f, out), fetches))
+        else:
+            self.bytes_read += sum(self._fetch(f, out) for f in fetches)
+
+    def _fetch(self, f: Fetch, out: torch.Tensor) -> int:
+        """One fetch: read (and verify) its range, copy it out; returns the bytes read."""
+        data = self._view(f.piece)[f.lo:f.hi]
+        if f.verify:
+            self._check_chunks(f.piece, data, f.lo)
+        for c in f.copies:
+            _copy(c, data, out)
+        return f.elements * data.element_size()
 
     def _read_transposed(self, name, state, region, start, stop, out: torch.Tensor) -> torch.Tensor:
         """Each rectangle of the range read in canonical order, scattered with one strided copy."""
@@ -173,22 +210,6 @@ class Checkpoint:
                               "reduce='average' or 'first' in the model spec if that is expected")
         return acc + part if reduce == "average" else acc
 
-    def _fill(self, atom: Atom, pieces: list[Piece], target, out: torch.Tensor) -> int:
-        filled = 0
-        for piece in pieces:
-            plan = intersect(target, runs(piece.region, atom.shape, piece.start, piece.stop))
-            if not len(plan):
-                continue
-            if self.verify:  # a chunk's hash covers the whole chunk: fetch every chunk a copy touches
-                for lo, hi, part in plan.read_spans(piece.chunk_elems, piece.stop - piece.start):
-                    apply(part, self._read(piece, lo, hi, out.dtype), out, src_base=lo)
-            else:  # copy straight out of the mapping: exactly the elements needed are fetched
-                data = self._view(piece)
-                apply(plan, data, out)
-                self.bytes_read += plan.total * data.element_size()
-            filled += plan.total
-        return filled
-
     def _view(self, piece: Piece) -> torch.Tensor:
         """The whole stored piece, a zero-copy view of the mapped file (nothing fetched yet)."""
         data = self._handle(piece.file).flat(piece.key)
@@ -197,14 +218,6 @@ class Checkpoint:
                               f"elements, the manifest says {piece.stop - piece.start}; the file is from "
                               "another checkpoint — re-save it")
         return data
-
-    def _read(self, piece: Piece, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
-        """Elements [lo, hi) of a piece, counted as fetched and, with ``verify``, checked."""
-        data = self._view(piece)[lo:hi]
-        self.bytes_read += data.numel() * data.element_size()
-        if self.verify:
-            self._check_chunks(piece, data, lo)
-        return data.to(dtype)
 
     def _check_chunks(self, piece: Piece, data: torch.Tensor, lo: int) -> None:
         c = piece.chunk_elems
@@ -225,7 +238,7 @@ class Checkpoint:
         at = (piece.digest_at + k) * DIGEST_BYTES
         if at + DIGEST_BYTES > table.numel():
             return None
-        self.folder.metadata_bytes += DIGEST_BYTES
+        self.folder.count(DIGEST_BYTES)
         return table[at:at + DIGEST_BYTES].numpy().tobytes()
 
     def read_atom(self, name: str, state: str, dtype: torch.dtype | None = None) -> torch.Tensor:
