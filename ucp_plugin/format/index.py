@@ -40,7 +40,7 @@ class ShardIndex:
         atoms = []
         for a in self.atoms:
             d = asdict(a)
-            del d["pieces"], d["shards"]
+            del d["pieces"], d["shards"], d["regions"]
             atoms.append(d)
         return json.dumps({"rank": self.rank, "atoms": atoms, "files": [asdict(f) for f in self.files],
                            "pieces": [{"atom": n, **piece_json(p)} for n, p in self.pieces]},

@@ -107,7 +107,11 @@ class Atom:
     states: dict[str, str]
     scalars: dict[str, float | int] = field(default_factory=dict)
     pieces: tuple[Piece, ...] = ()
-    shards: tuple[int, ...] = ()  # 1.1: the ranks whose shard index lists pieces of this atom
+    # 1.1: where the pieces are, so a reader opens only the shard indexes it needs: (rank, region
+    # number in ``regions``, start, stop) = that rank's index lists pieces of this atom within
+    # local elements [start, stop) of that region
+    shards: tuple[tuple[int, int, int, int], ...] = ()
+    regions: tuple[Region, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -187,7 +191,7 @@ def _atom_json(a: Atom, indexed: bool) -> dict:
     if indexed:
         del d["pieces"]
     else:
-        del d["shards"]
+        del d["shards"], d["regions"]
         d["pieces"] = [piece_json(p) for p in a.pieces]
     return d
 
@@ -241,17 +245,24 @@ def _required(f) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
 
 
+def _decode_region(r: dict, where: str) -> Region:
+    r = r or {}
+    return _build(Region, {**r, "intervals": tuple(tuple(i) for i in r.get("intervals", ()))}, where, "region")
+
+
 def _decode_piece(p: dict, where: str) -> Piece:
-    r = p.get("region") or {}
-    region = _build(Region, {**r, "intervals": tuple(tuple(i) for i in r.get("intervals", ()))},
-                    where, "piece region")
+    region = _decode_region(p.get("region"), where)
     return _build(Piece, {**p, "region": region, "digests": tuple(p.get("digests", ()))}, where, "piece")
 
 
 def _decode_atom(a: dict, where: str) -> Atom:
     pieces = tuple(_decode_piece(p, where) for p in a.get("pieces", ()))
-    atom = _build(Atom, {**a, "shape": tuple(a.get("shape", ())), "pieces": pieces,
-                         "shards": tuple(a.get("shards", ()))}, where, "atom")
+    regions = tuple(_decode_region(r, where) for r in a.get("regions", ()))
+    shards = tuple(tuple(int(x) for x in s) for s in a.get("shards", ()))
+    if any(len(s) != 4 or not 0 <= s[1] < len(regions) for s in shards):
+        raise FormatError(f"{where}: atom {a.get('name')!r} has a bad 'shards' entry; the manifest is damaged")
+    atom = _build(Atom, {**a, "shape": tuple(a.get("shape", ())), "pieces": pieces, "shards": shards,
+                         "regions": regions}, where, "atom")
     if atom.kind not in ATOM_KINDS:
         raise FormatError(f"{where}: atom {atom.name!r} has unknown kind {atom.kind!r}")
     return atom

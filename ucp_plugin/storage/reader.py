@@ -18,7 +18,7 @@ import torch
 
 from ..errors import FormatError, StateMismatchError
 from ..format import DIGEST_BYTES, DIGESTS, MANIFEST, Atom, Manifest, Piece, Region
-from ..plan import IDENTITY, TRANSPOSED, transposed_rects
+from ..plan import IDENTITY, TRANSPOSED, intersect, runs, transposed_rects
 from ..plan.reads import Copy, Fetch, ReadItem, ReadPlan, plan_read
 from .files import load_tree, read_latest, tensor_bytes
 from .folder import PinnedFolder
@@ -62,6 +62,16 @@ def _copy(c: Copy, src: torch.Tensor, dst: torch.Tensor) -> None:
         return
     d = dst.as_strided((c.count, c.length), (c.dst_stride, 1), dst.storage_offset() + c.dst)
     d.copy_(src.as_strided((c.count, c.length), (c.src_stride, 1), src.storage_offset() + c.src))
+
+
+def _overlaps(atom: Atom, shard: tuple[int, int, int, int], item: ReadItem) -> bool:
+    """Whether the pieces a shard index holds of ``atom`` (``Atom.shards`` entry) can hold elements
+    of ``item``: same region, overlapping ranges; another region, any common atom element."""
+    _, r, lo, hi = shard
+    region = atom.regions[r]
+    if region == item.region:
+        return lo < item.stop and item.start < hi
+    return intersect(runs(item.region, atom.shape, item.start, item.stop), runs(region, atom.shape, lo, hi)).total > 0
 
 
 def _destination(out: torch.Tensor | None, n: int, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -117,10 +127,12 @@ class Checkpoint:
                 self._manifest = replace(self.top, atoms=atoms, files=self.folder.all_files(self.verify))
         return self._manifest
 
-    def atom(self, name: str) -> Atom:
-        """Atom ``name`` with its pieces."""
-        if name in self._atoms:
-            return self._atoms[name]
+    def atom(self, name: str, item: ReadItem | None = None) -> Atom:
+        """Atom ``name`` with its pieces; with ``item``, only the pieces of the shard indexes that
+        may overlap it (format 1.1: the others are not read)."""
+        key = name if item is None else item
+        if key in self._atoms:
+            return self._atoms[key]
         try:
             atom = self.top.atom(name)
         except KeyError:
@@ -128,9 +140,11 @@ class Checkpoint:
                                      "has a parameter the checkpoint lacks (a different model or "
                                      "config?)") from None
         if self.top.indexed:
-            pieces = [p for r in atom.shards for p in self.folder.index(r, self.verify).of(name)]
+            ranks = sorted({s[0] for s in atom.shards if item is None or _overlaps(atom, s, item)})
+            pieces = [p for r in ranks for p in self.folder.index(r, self.verify).of(name)]
             atom = replace(atom, pieces=tuple(pieces))
-        self._atoms[name] = atom
+        if item is None:
+            self._atoms[key] = atom
         return atom
 
     def _handle(self, rel: str):
@@ -156,7 +170,7 @@ class Checkpoint:
 
     def plan(self, item: ReadItem) -> ReadPlan:
         """The read plan for ``item`` (reads the shard indexes naming its atom, no tensor bytes)."""
-        return plan_read(self.atom(item.atom), item, self.verify, self.path)
+        return plan_read(self.atom(item.atom, item), item, self.verify, self.path)
 
     def execute(self, plan: ReadPlan, out: torch.Tensor | None = None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -153,20 +153,28 @@ def _read_indexes(staging: str, world_size: int) -> list[tuple[ShardIndex, FileE
 
 def merge_indexes(indexes: list[ShardIndex]) -> tuple[Atom, ...]:
     """The top manifest's atom table: each atom as its writers declared it (they must agree) with
-    ``shards``, the ranks whose index lists pieces of it."""
+    ``regions`` and ``shards``: which rank's index holds pieces of which part of it."""
     atoms: dict[str, Atom] = {}
-    shards: dict[str, list[int]] = {}
+    where: dict[str, dict[tuple[int, Region], list[int]]] = {}
     for index in indexes:
         for a in index.atoms:
             if atoms.setdefault(a.name, a) != a:
                 raise FormatError(f"atom {a.name!r}: ranks disagree on its shape/split/states "
                                   f"(rank {index.rank}: {a}, before: {atoms[a.name]})")
-        for name in dict.fromkeys(n for n, _ in index.pieces):
-            shards.setdefault(name, []).append(index.rank)
-    missing = sorted(set(shards) - set(atoms))
+        for name, p in index.pieces:
+            span = where.setdefault(name, {}).setdefault((index.rank, p.region), [p.start, p.stop])
+            span[0], span[1] = min(span[0], p.start), max(span[1], p.stop)
+    missing = sorted(set(where) - set(atoms))
     if missing:
         raise FormatError(f"pieces for undeclared atoms {missing[:5]}")
-    return tuple(replace(atoms[n], shards=tuple(shards.get(n, ()))) for n in sorted(atoms))
+    return tuple(_located(atoms[n], where.get(n, {})) for n in sorted(atoms))
+
+
+def _located(atom: Atom, spans: dict) -> Atom:
+    regions = list(dict.fromkeys(region for _, region in spans))
+    number = {r: i for i, r in enumerate(regions)}
+    shards = tuple((rank, number[region], lo, hi) for (rank, region), (lo, hi) in spans.items())
+    return replace(atom, regions=tuple(regions), shards=shards)
 
 
 def commit(root: str, staging: str, tag: str, world_size: int, header: Manifest,

@@ -64,7 +64,8 @@ def _whole_manifest(ck: Checkpoint, hashes: bool) -> tuple[Manifest, list[Proble
         except FormatError as e:
             if os.path.isfile(os.path.join(ck.path, INDEX.format(rank=rank))):
                 problems.append(Problem(os.path.join(ck.path, INDEX.format(rank=rank)), str(e).split(": ", 1)[1]))
-    atoms = tuple(replace(a, pieces=tuple(p for r in a.shards if r in good for p in good[r].of(a.name)))
+    atoms = tuple(replace(a, pieces=tuple(p for r in sorted({s[0] for s in a.shards}) if r in good
+                                          for p in good[r].of(a.name)))
                   for a in top.atoms)
     return replace(top, atoms=atoms, files=tuple(files)), problems
 
