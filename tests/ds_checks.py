@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ucp_plugin.launcher import run_workers
+from ucp_plugin.testing.launcher import run_workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

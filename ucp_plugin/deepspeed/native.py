@@ -20,8 +20,8 @@ import torch
 from ..errors import FormatError, UnsupportedError
 from ..format import Atom, dtype_name
 from ..plan import zero as Z
-from .params import SPLIT
 from .optim_state import is_scalar, scalar
+from .params import SPLIT
 
 DS_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
            "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",

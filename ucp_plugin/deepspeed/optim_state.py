@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedError
+from ..format import scalar_value
 
 
 def is_scalar(value) -> bool:
@@ -31,8 +32,7 @@ def is_scalar(value) -> bool:
 
 
 def scalar(value) -> int | float:
-    v = value.item() if torch.is_tensor(value) else value
-    return int(v) if float(v).is_integer() else float(v)
+    return scalar_value(value.item() if torch.is_tensor(value) else value)
 
 
 def split_state(entry: dict, numel: int, where: str) -> tuple[dict, dict]:
@@ -61,7 +61,7 @@ def keeps_tensor_scalars(opt: torch.optim.Optimizer) -> bool:
 def new_scalar(opt: torch.optim.Optimizer, t: torch.Tensor, value):
     """``value`` as ``opt`` would create it for a fresh state of ``t``."""
     if not keeps_tensor_scalars(opt):
-        return int(value) if float(value).is_integer() else float(value)
+        return scalar_value(value)
     group = _group_of(opt, t)
     if group.get("capturable") or group.get("fused"):
         return torch.tensor(float(value), dtype=torch.float32, device=t.device)
@@ -75,7 +75,8 @@ def restore_entry(opt: torch.optim.Optimizer, t: torch.Tensor, states: dict, sca
     for key, value in states.items():
         old = entry.get(key)
         if torch.is_tensor(old) and old.numel() == value.numel():
-            old.copy_(value.view(old.shape))  # keeps DeepSpeed's views of the state (optim_fragment) valid
+            if old.data_ptr() != value.data_ptr():  # load.py reads straight into a live state when it can
+                old.copy_(value.view(old.shape))  # keeps DeepSpeed's views of the state (optim_fragment) valid
         else:
             dtype = t.dtype if t.is_floating_point() and value.is_floating_point() else value.dtype
             entry[key] = value.view(t.shape).to(device=t.device, dtype=dtype)

@@ -27,12 +27,6 @@ from .optim_state import split_state
 SPLIT = params.SPLIT
 
 
-def share(numel: int, rank: int, dp: int) -> tuple[int, int]:
-    """The elements rank ``rank`` of ``dp`` writes of a replicated tensor (ZeRO-3's split)."""
-    ps = Z.zero3_partition_numel(numel, dp)
-    return min(rank * ps, numel), min((rank + 1) * ps, numel)
-
-
 def write_trainable(writer: ShardWriter, engine, view: EngineView) -> None:
     bufs, opt = fp32_buffers(engine, view.kind), base_optimizer(engine, view.kind)
     trainable = set(view.trainable)
@@ -44,7 +38,7 @@ def write_trainable(writer: ShardWriter, engine, view: EngineView) -> None:
             # stage 0 keeps frozen params in the torch optimizer; a TP replica may be another rank's
             if f.name not in trainable or not view.params.writes(f.name):
                 continue
-            lo, hi = (0, f.length) if not view.layout.replicated else share(f.length, view.rank, view.dp)
+            lo, hi = (0, f.length) if not view.layout.replicated else Z.even_share(f.length, view.rank, view.dp)
             start = f.buffer_offset + lo
             view.params.write(writer, f.name, "param", f.param_offset + lo,
                               {k: v[start:start + hi - lo] for k, v in tensors.items()}, scalars)
@@ -56,7 +50,7 @@ def write_frozen(writer: ShardWriter, engine, view: EngineView) -> None:
         if not view.params.writes(name):
             continue
         p = params[name]
-        lo, hi = share(_numel(p), view.rank, view.dp)
+        lo, hi = Z.even_share(_numel(p), view.rank, view.dp)
         local = p.ds_tensor.detach()[:max(hi - lo, 0)] if hasattr(p, "ds_tensor") \
             else p.detach().reshape(-1)[lo:max(lo, hi)]
         view.params.write(writer, name, "frozen", lo, {"param": local}, {})
