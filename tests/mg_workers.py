@@ -101,10 +101,13 @@ def run_plan(runs: list[dict], runners: dict | None = None) -> dict:
 
 
 def save_run(family: str, model: dict, layout: dict, settings: dict, root: str, save_after: int,
-             optimizer: bool = True) -> dict:
+             optimizer: bool = True, async_save: bool = False) -> dict:
     """Train from the reference weights, save a universal checkpoint after ``save_after`` steps, train
-    on: the uninterrupted run's losses."""
+    on: the uninterrupted run's losses. ``async_save``: the save is written while training goes on,
+    committed at a step boundary (``ucp_plugin.poll``) or at the end (``ucp_plugin.wait``)."""
     import time
+
+    import ucp_plugin
 
     from ucp_plugin.megatron.checkpoint import save_universal
     from ucp_plugin.megatron.harness import TrainSettings, setup, stage_summary, token_batches, train_step
@@ -117,9 +120,13 @@ def save_run(family: str, model: dict, layout: dict, settings: dict, root: str, 
     losses = [train_step(run, t) for t in tokens[:save_after]]
     start = time.perf_counter()
     path = save_universal(run.model, run.optimizer if optimizer else None, root, f"iter_{save_after:07d}",
-                          save_after, family=family, config=cfg, extra_state={"note": "test"})
+                          save_after, family=family, config=cfg, extra_state={"note": "test"},
+                          async_save=async_save)
     seconds = time.perf_counter() - start
-    losses += [train_step(run, t) for t in tokens[save_after:]]
+    for t in tokens[save_after:]:
+        losses.append(train_step(run, t))
+        ucp_plugin.poll()
+    ucp_plugin.wait()
     return {"losses": losses, "path": path, "save_seconds": seconds, **stage_summary(run)}
 
 
