@@ -38,10 +38,12 @@ def _header(comm, step):
     return SaveHeader("core-test", "1", "torch", torch.__version__, Layout(tp=comm.world_size), iteration=step)
 
 
-def save_tp(root, tag, step, fault=None, asynchronous=False):
+def save_tp(root, tag, step, fault=None, asynchronous=False, exit_in_flight=False):
     """Each rank writes its TP shard of one parameter; optionally dies at an injected point. With
     ``asynchronous`` the shard is written by the background writer, which starts only once
-    ``save_universal`` has returned (so an injected writer fault fires there), then ``wait``."""
+    ``save_universal`` has returned (so an injected writer fault fires there), then ``wait``; with
+    ``exit_in_flight`` the worker returns with the save in flight and the process group up, so the
+    exit hook must finish and commit it."""
     if fault:
         os.environ["UCP_FAULT"] = fault
     dist.init_process_group("gloo")
@@ -50,6 +52,8 @@ def save_tp(root, tag, step, fault=None, asynchronous=False):
     save_universal(comm, root, tag, _header(comm, step), _tp_fill(comm, step), asynchronous=asynchronous)
     if gate:
         gate.set()
+        if exit_in_flight:
+            return "in flight"
         ucp_plugin.wait()
     dist.destroy_process_group()
     return "saved"

@@ -78,7 +78,9 @@ def test_concurrent_saves_and_reads_never_corrupt(tmp_path):
 def test_kill_in_background_writer_keeps_previous_checkpoint(tmp_path, fault):
     """Asynchronous save: the writer thread reaches the fault point after save_universal returned."""
     root = str(tmp_path)
-    run_workers(2, f"{W}:save_tp", {"root": root, "tag": "step1", "step": 1, "asynchronous": True})
+    # the first save is still in flight when the workers return: their exit hook commits it
+    assert run_workers(2, f"{W}:save_tp", {"root": root, "tag": "step1", "step": 1, "asynchronous": True,
+                                           "exit_in_flight": True}) == ["in flight"] * 2
     assert read_latest(root) == "step1"
     with pytest.raises(WorkerError, match="exited with code -9"):
         run_workers(2, f"{W}:save_tp", {"root": root, "tag": "step2", "step": 2, "fault": fault,

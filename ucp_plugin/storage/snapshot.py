@@ -93,10 +93,6 @@ class Snapshot:
     def save_state(self, obj, common: bool = False) -> None:
         self._calls.append(("state", (_own(obj), common)))
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self._copies or self._sources))
-
     def copy_into(self, arena: StagingArena) -> None:
         """Copy every recorded tensor into ``arena`` and drop the references to the training's
         tensors. Returns once the copies are complete (device work included)."""
