@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -67,7 +68,7 @@ def run_mode(mode: str, model: dict, steps: int, every: int, root: str) -> dict:
     ucp_plugin.wait()
     blocked = []
     dist.barrier()
-    loop_start = time.perf_counter()
+    loop_start, cpu_start = time.perf_counter(), _cpu()
     polled = 0.0  # time in poll(): the all-reduce, and the commit when every rank is done
     for i in range(1, steps + 1):
         _step(engine, tokens)
@@ -80,8 +81,15 @@ def run_mode(mode: str, model: dict, steps: int, every: int, root: str) -> dict:
     start = time.perf_counter()
     ucp_plugin.wait()
     drain = time.perf_counter() - start
+    cpu = _cpu() - cpu_start  # training + every save's work (the writer thread's included, drain too)
     engine.destroy()
-    return {"warm_save": warm, "blocked": blocked, "loop": loop, "drain": drain, "polled": polled}
+    return {"warm_save": warm, "blocked": blocked, "loop": loop, "drain": drain, "polled": polled, "cpu": cpu}
+
+
+def _cpu() -> float:
+    """CPU seconds of this process, all threads: what a run costs whatever else loads the machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def worker(model: dict, steps: int, every: int, root: str, modes: list[str]) -> dict:
@@ -104,11 +112,13 @@ def summarize(per_rank: list[dict], model: dict, dp: int, steps: int, every: int
         blocked = [max(r["blocked"][i] for r in runs) for i in range(len(runs[0]["blocked"]))]
         out["modes"][mode] = {"blocked_s": blocked, "warm_save_s": max(r["warm_save"] or 0 for r in runs),
                               "loop_s": max(r["loop"] for r in runs), "drain_s": max(r["drain"] for r in runs),
-                              "poll_s": max(r["polled"] for r in runs)}
-    base = out["modes"]["none"]["loop_s"] if "none" in out["modes"] else None
+                              "poll_s": max(r["polled"] for r in runs), "cpu_s": sum(r["cpu"] for r in runs)}
+    base = out["modes"].get("none")
     for mode, m in out["modes"].items():
         m["steps_per_s"] = steps / m["loop_s"]
-        m["throughput_vs_none"] = base / m["loop_s"] if base else None
+        m["throughput_vs_none"] = base["loop_s"] / m["loop_s"] if base else None
+        # with every core busy training (as here), throughput goes as 1 / CPU seconds per step
+        m["cpu_throughput_vs_none"] = base["cpu_s"] / m["cpu_s"] if base else None
         m["mean_blocked_s"] = sum(m["blocked_s"]) / len(m["blocked_s"]) if m["blocked_s"] else 0.0
     if {"sync", "async"} <= set(out["modes"]):
         out["async_blocking_vs_sync"] = out["modes"]["async"]["mean_blocked_s"] / out["modes"]["sync"]["mean_blocked_s"]
@@ -119,11 +129,12 @@ def report(s: dict) -> None:
     print(f"GPT-like model, {s['params'] / 1e6:.1f}M parameters {s['model']}, DeepSpeed ZeRO-2 fp32 DP{s['dp']}, "
           f"{s['steps']} steps, a save every {s['every']} steps")
     print(f"{'mode':6} {'save blocks (s, each call)':34} {'mean':>7} {'loop s':>8} {'steps/s':>8} "
-          f"{'vs none':>8} {'in poll':>8} {'final wait':>10}")
+          f"{'vs none':>8} {'in poll':>8} {'final wait':>10} {'CPU s':>7} {'CPU vs none':>11}")
     for mode, m in s["modes"].items():
         calls = " ".join(f"{b:.2f}" for b in m["blocked_s"]) or "-"
         print(f"{mode:6} {calls:34} {m['mean_blocked_s']:7.2f} {m['loop_s']:8.1f} {m['steps_per_s']:8.3f} "
-              f"{m['throughput_vs_none']:8.1%} {m['poll_s']:8.2f} {m['drain_s']:10.2f}")
+              f"{m['throughput_vs_none']:8.1%} {m['poll_s']:8.2f} {m['drain_s']:10.2f} {m['cpu_s']:7.1f} "
+              f"{m['cpu_throughput_vs_none']:11.1%}")
     if "async_blocking_vs_sync" in s:
         print(f"async save blocks {s['async_blocking_vs_sync']:.1%} of the sync save's time (warm-up saves: sync "
               f"{s['modes']['sync']['warm_save_s']:.2f} s, async {s['modes']['async']['warm_save_s']:.2f} s)")
