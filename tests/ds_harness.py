@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ucp_plugin
+
 MODEL_DEFAULTS = dict(vocab=37, seq=8, d=18, heads=3, hidden=45, layers=2, tied=False, dropout=0.0)
 
 
@@ -98,9 +100,10 @@ def micro_size(global_size: int, dp: int, cap: int = 4) -> int:
 
 
 def ds_config(stage: int, dtype: str = "fp32", dp: int = 1, *, global_batch: int = 12, lr: float = 3e-3,
-              grad_accum_dtype: str | None = None, optimizer: str = "adamw", universal: bool = False,
+              grad_accum_dtype: str | None = None, optimizer: str = "adamw", universal: bool | str = False,
               **zero) -> dict:
-    """A DeepSpeed config whose global batch is fixed whatever ``dp``; ``zero`` adds zero_optimization keys."""
+    """A DeepSpeed config whose global batch is fixed whatever ``dp``; ``zero`` adds zero_optimization keys;
+    ``universal="async"`` saves universal checkpoints asynchronously."""
     if global_batch % dp:
         raise ValueError(f"global_batch {global_batch} must be divisible by dp {dp}")
     micro = micro_size(global_batch, dp)
@@ -134,7 +137,7 @@ def ds_config(stage: int, dtype: str = "fp32", dp: int = 1, *, global_batch: int
     if grad_accum_dtype:
         cfg["data_types"] = {"grad_accum_dtype": grad_accum_dtype}
     if universal:
-        cfg["checkpoint"] = {"universal": True}
+        cfg["checkpoint"] = {"universal": True, **({"async": True} if universal == "async" else {})}
     return cfg
 
 
@@ -185,6 +188,7 @@ def run_steps(engine, steps: int, seed: int, model: dict | None = None) -> list[
             engine.backward(loss)
             engine.step()
             total += loss.detach().double()
+        ucp_plugin.poll()  # a step boundary: commits an asynchronous save every rank has written
         dist.all_reduce(total)
         losses.append(total.item() / (size // micro))
         engine.module.tick()
@@ -238,6 +242,7 @@ def train(config: dict, steps: int = 5, seed: int = 0, init_seed: int = 0, save_
         if save_dir:
             engine.save_checkpoint(save_dir, tag=tag, client_state={"harness_seed": seed, "losses": losses})
         losses += run_steps(engine, steps - save_at, seed, model)
+        ucp_plugin.wait()  # the last asynchronous save is committed before the engine goes
     finally:
         logger.removeHandler(reports)
         engine.destroy()

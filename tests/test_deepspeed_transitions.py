@@ -29,6 +29,7 @@ CLIENT_ADAMW = dict(client="adamw")
 SOURCES = {  # name: (world size, config, other train() arguments)
     "z2_dp4": (4, C(2, "fp32", 4, universal=True), {}),
     "z3_dp4": (4, C(3, "fp32", 4, universal=True), {}),
+    "z2_dp4_async": (4, C(2, "fp32", 4, universal="async"), {}),  # saved while training goes on
     "native_z3_dp4": (4, C(3, "fp32", 4), {}),  # plain DeepSpeed checkpoint (plugin imported, not enabled)
     "z1_dp2": (2, C(1, "fp32", 2, universal=True), {}),
     "bf16_dp2": (2, C(1, "bf16", 2, grad_accum_dtype="fp32", universal=True), {}),  # BF16_Optimizer
@@ -43,6 +44,7 @@ TRANSITIONS = {  # name: (source, target world size, target config); other argum
     "zero1_dp2_to_dp4": ("z1_dp2", 4, C(1, "fp32", 4, universal=True)),
     "native_zero2_dp2_to_plugin_dp4": ("native_dp2", 4, C(2, "fp32", 4, universal=True)),
     "zero2_dp4_to_dp2": ("z2_dp4", 2, C(2, "fp32", 2, universal=True)),
+    "async_zero2_dp4_to_async_dp2": ("z2_dp4_async", 2, C(2, "fp32", 2, universal="async")),
     "zero2_dp4_to_zero3_dp2": ("z2_dp4", 2, C(3, "fp32", 2, universal=True)),
     "zero3_dp4_to_zero1_dp2": ("z3_dp4", 2, C(1, "fp32", 2, universal=True)),
     "native_zero3_dp4_to_plugin_zero3_dp2": ("native_z3_dp4", 2, C(3, "fp32", 2, universal=True)),
@@ -126,6 +128,23 @@ def test_resave_holds_the_same_state_bitwise(name, sources, targets):
     """The target re-saved right after loading: per parameter, the fp32 master and every optimizer
     state (names from the source, e.g. momentum_buffer, max_exp_avg_sq) and ``step`` are the saved ones."""
     assert_resave_bitwise(sources[TRANSITIONS[name][0]]["dir"], targets[name]["resave"])
+
+
+def test_async_save_holds_what_a_sync_save_holds(sources):
+    """The asynchronous save (written while the engine trained on) is bit for bit the synchronous one."""
+    from ucp_plugin.storage import Checkpoint
+
+    sync, other = (sources[n] for n in ("z2_dp4", "z2_dp4_async"))
+    assert other["losses"] == sync["losses"]
+    a, b = (Checkpoint.open(s["dir"]) for s in (sync, other))
+    assert [x.name for x in a.manifest.atoms] == [x.name for x in b.manifest.atoms]
+    for atom in a.manifest.atoms:
+        assert (atom.states, atom.scalars) == (b.manifest.atom(atom.name).states, b.manifest.atom(atom.name).scalars)
+        for state in atom.states:
+            assert torch.equal(_bits(a.read_atom(atom.name, state)), _bits(b.read_atom(atom.name, state)))
+    for name in sorted(os.listdir(os.path.join(a.path, "state"))):  # common and per-rank trees, byte for byte
+        with open(os.path.join(a.path, "state", name), "rb") as f, open(os.path.join(b.path, "state", name), "rb") as g:
+            assert f.read() == g.read(), name
 
 
 def test_optimizer_states_come_from_the_optimizer(sources):

@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from ..async_save import wait as wait_for_async_save
 from ..comm import Comm
 from ..errors import StateMismatchError, UnsupportedError
 from ..plan import zero as Z
@@ -148,6 +149,7 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
         raise UnsupportedError("load_checkpoint(custom_load_fn=...) is not supported with "
                                '"checkpoint": {"universal": true}')
     check_engine(engine)
+    wait_for_async_save()  # an asynchronous save still in flight is committed first: `latest` is current
     if tag is None and not has_latest(load_dir):
         log.warning("no 'latest' file in %s and no tag given: nothing loaded (as DeepSpeed does)", load_dir)
         return None, None

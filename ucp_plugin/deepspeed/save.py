@@ -8,6 +8,9 @@ holds, as pieces of atoms (docs/FORMAT.md).
 - frozen parameters: the same split (ZeRO-3: each rank's own ``ds_tensor`` elements);
 - buffers, LR scheduler, engine counters, optimizer hyperparameters, loss scaler, client state: rank 0;
 - RNG states: every rank.
+
+With ``"checkpoint": {"universal": true, "async": true}`` the same is snapshotted into host memory and
+written in the background (``ucp_plugin.async_save``).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from ..session import SaveHeader, save_universal
 from ..storage import ShardWriter
 from . import params
 from . import state as S
-from .config import check_engine
+from .config import check_engine, read_config
 from .engine_view import EngineView, base_optimizer, fp32_buffers, inspect_engine
 from .optim_state import split_state
 
@@ -90,5 +93,9 @@ def save_checkpoint(engine, save_dir, tag=None, client_state=None, save_latest=T
             writer.save_state(S.common_state(engine, base, client_state or {}, meta), common=True)
         writer.save_state(S.rank_state())
 
-    save_universal(Comm(), str(save_dir), tag, header, fill, update_latest=save_latest)
+    # "async": true returns once this rank's state is in host memory (ucp_plugin.async_save); the
+    # checkpoint is committed at the next save, load, ucp_plugin.poll() or ucp_plugin.wait()
+    cfg = read_config(engine._config._param_dict)
+    save_universal(Comm(), str(save_dir), tag, header, fill, update_latest=save_latest,
+                   asynchronous=cfg.asynchronous, on_busy=cfg.on_busy)
     return True

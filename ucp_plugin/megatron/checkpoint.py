@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..async_save import wait as wait_for_async_save
 from ..comm import Comm
 from ..errors import StateMismatchError
 from ..format import WEIGHT_STATE, Atom, Layout, dtype_name
@@ -205,8 +206,11 @@ def model_info(config: ModelConfig, padded_vocab: int | None = None) -> dict:
 def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | None = None,
                    scheduler_state: dict | None = None, extra_state: dict | None = None, *,
                    family: str | None = None, config: ModelConfig | None = None, vocab: int | None = None,
-                   update_latest: bool = True) -> str:
-    """Every rank calls this; returns ``<save_dir>/<tag>``. ``optimizer=None`` saves weights only."""
+                   update_latest: bool = True, async_save: bool = False, on_busy: str = "wait") -> str:
+    """Every rank calls this; returns ``<save_dir>/<tag>``. ``optimizer=None`` saves weights only.
+    ``async_save``: return once this rank's state is in host memory; the folder appears when the save
+    is committed, at the next save or load, ``ucp_plugin.poll()`` or ``ucp_plugin.wait()``
+    (``ucp_plugin.async_save``; ``on_busy`` says what a save does while one is still in flight)."""
     import megatron.core
 
     chunks, comm = as_chunks(model), Comm()
@@ -222,7 +226,8 @@ def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | N
                               common=True)
         writer.save_state(rank_state())
 
-    return run_save(comm, str(save_dir), str(tag), header, fill, update_latest=update_latest)
+    return run_save(comm, str(save_dir), str(tag), header, fill, update_latest=update_latest,
+                    asynchronous=async_save, on_busy=on_busy)
 
 
 # ------------------------------------------------------------------------------------------- load
@@ -367,6 +372,7 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
                    strict: bool = True) -> dict:
     """Every rank calls this. Returns {"iteration", "scheduler_state", "extra_state"}. The optimizer
     states are loaded when ``optimizer`` is given and the checkpoint has them."""
+    wait_for_async_save()  # one still in flight is committed first, so `latest` is current
     chunks, comm = as_chunks(model), Comm()
     path = os.path.join(str(load_dir), tag) if tag else str(load_dir)
     ck = comm.run(lambda: Checkpoint.open(path, verify))
