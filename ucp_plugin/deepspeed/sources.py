@@ -13,6 +13,7 @@ import torch
 from ..errors import FormatError
 from ..format import MANIFEST, Region
 from ..storage import Checkpoint, read_latest, resolve
+from . import ds_universal, native
 
 
 class UcpSource:
@@ -63,15 +64,31 @@ def checkpoint_folder(load_dir: str, tag) -> str:
     return os.path.join(str(load_dir), latest) if latest else str(load_dir)
 
 
-def open_source(load_dir: str, tag=None, verify: bool = True):
-    """A universal checkpoint if the folder has ``ucp.json``, else a native DeepSpeed checkpoint."""
-    from . import native
+# Foreign checkpoint readers, tried in order after ``ucp.json``: name -> (probe(folder), open(folder)).
+# A DeepSpeed universal folder also has model-states files, so it is probed before a native one.
+FOREIGN_SOURCES: dict[str, tuple] = {}
 
+
+def register_source(name: str, probe, opener) -> None:
+    """Register a reader of another checkpoint kind; a second registration under a name is refused."""
+    if name in FOREIGN_SOURCES and FOREIGN_SOURCES[name] != (probe, opener):
+        raise ValueError(f"a checkpoint source named {name!r} is already registered")
+    FOREIGN_SOURCES[name] = (probe, opener)
+
+
+def open_source(load_dir: str, tag=None, verify: bool = True):
+    """A universal checkpoint if the folder has ``ucp.json``, else the first registered foreign source
+    that recognises it (a ``ds_to_universal`` folder, a native DeepSpeed checkpoint)."""
     folder = checkpoint_folder(load_dir, tag)
     if os.path.isfile(os.path.join(folder, MANIFEST)):
         return UcpSource(Checkpoint.open(folder, verify=verify))
-    if native.is_native(folder):
-        return native.NativeSource(folder)
+    for probe, opener in FOREIGN_SOURCES.values():
+        if probe(folder):
+            return opener(folder)
     resolve(folder)  # raises the precise reason (missing, interrupted save, empty, ...)
-    raise FormatError(f"{folder}: neither a universal checkpoint ({MANIFEST}) nor a DeepSpeed one "
-                      "(*_model_states.pt)")
+    raise FormatError(f"{folder}: neither a universal checkpoint ({MANIFEST}), nor a DeepSpeed universal "
+                      "folder (zero/optimizer_state.pt), nor a DeepSpeed one (*_model_states.pt)")
+
+
+register_source("deepspeed.universal", ds_universal.is_ds_universal, ds_universal.DsUniversalSource)
+register_source("deepspeed.native", native.is_native, native.NativeSource)
