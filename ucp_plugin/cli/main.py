@@ -30,6 +30,11 @@ def _verify(args) -> int:
 
 
 def _convert(args) -> int:
+    if args.to == "deepspeed":
+        from ..tools.ds_ucp import to_deepspeed
+        out = to_deepspeed(args.path, args.out, progress=sys.stderr.isatty())
+        print(f"wrote DeepSpeed universal checkpoint {out} (resume with \"checkpoint\": {{\"load_universal\": true}})")
+        return 0
     from ..tools.convert import convert
     out = convert(args.path, args.out)
     print(f"wrote consolidated checkpoint {out}")
@@ -62,9 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--no-hashes", action="store_true", help="skip whole-file SHA-256 checks")
     s.set_defaults(fn=_verify)
-    s = sub.add_parser("convert", help="rewrite in consolidated form: one safetensors file per atom")
+    s = sub.add_parser("convert", help="rewrite in consolidated form (one safetensors file per atom), or as "
+                                       "DeepSpeed's universal folder (--to deepspeed)")
     s.add_argument("path")
     s.add_argument("out")
+    s.add_argument("--to", default="consolidated", choices=["consolidated", "deepspeed"],
+                   help="deepspeed: a folder stock DeepSpeed resumes with checkpoint.load_universal")
     s.set_defaults(fn=_convert)
     s = sub.add_parser("export", help="write the model weights as one safetensors file")
     s.add_argument("path")
