@@ -41,7 +41,26 @@ def _convert(args) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    """``5GB``, ``200MB``, ``512KB`` or a byte count."""
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+    text = text.strip().upper()
+    try:
+        for unit, scale in units.items():
+            if text.endswith(unit):
+                return int(float(text[:-2]) * scale)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 200MB, 1000000)") from None
+
+
 def _export(args) -> int:
+    if args.to == "hf":
+        from ..tools.hf_export import export_hf
+        out = export_hf(args.path, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                        config=args.config, progress=sys.stderr.isatty())
+        print(f"wrote Hugging Face model {out} (AutoModelForCausalLM.from_pretrained)")
+        return 0
     from ..tools.convert import export_weights
     out = export_weights(args.path, args.out, dtype=args.dtype)
     print(f"wrote {out}")
@@ -74,10 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", default="consolidated", choices=["consolidated", "deepspeed"],
                    help="deepspeed: a folder stock DeepSpeed resumes with checkpoint.load_universal")
     s.set_defaults(fn=_convert)
-    s = sub.add_parser("export", help="write the model weights as one safetensors file")
+    s = sub.add_parser("export", help="write the model weights as one safetensors file, or as a Hugging Face "
+                                      "transformers folder (--to hf)")
     s.add_argument("path")
     s.add_argument("out")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--to", default="safetensors", choices=["safetensors", "hf"],
+                   help="safetensors: one file under the checkpoint's names; hf: config.json + model.safetensors")
+    s.add_argument("--max-shard-size", type=_size, default="5GB",
+                   help="--to hf: split the weights into files of at most this size (default 5GB)")
+    s.add_argument("--config", default=None,
+                   help="--to hf, for a checkpoint of an HF model (no family): its config.json")
     s.set_defaults(fn=_export)
     s = sub.add_parser("validate", help="can this checkpoint be loaded on a layout? (exit 0/1)")
     s.add_argument("path")

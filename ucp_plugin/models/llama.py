@@ -5,6 +5,8 @@ linear biases.
 from __future__ import annotations
 
 from ..language import ModelSpec
+from ..language.hf import HfSpec
+from . import _hf as h
 from . import _blocks as b
 from .config import Architecture, ModelConfig, resolve
 
@@ -20,3 +22,11 @@ def spec(config: ModelConfig | None = None, **sizes) -> ModelSpec:
              + b.mlp_rules(b.LAYER + r"mlp\.", cfg.ffn, ARCH) + b.output_rules(cfg))
     return ModelSpec(family=ARCH.family, rules=rules, placements=(b.LAYER_PLACEMENT,),
                      num_layers=cfg.layers, attributes=b.attributes(cfg))
+
+
+def hf_spec(config: ModelConfig | None = None, **sizes) -> HfSpec:
+    """``LlamaForCausalLM``: QKV unfused per query group, fc1 into gate/up."""
+    cfg = resolve(config, sizes)
+    rules = h.llama_common(cfg) + h.swiglu(h.L + "mlp.", "model.layers.{0}.mlp.", cfg.ffn)
+    return HfSpec("LlamaForCausalLM", "llama", {**h.LLAMA_FIELDS, "intermediate_size": "ffn"},
+                  {**h.LLAMA_FIXED, "mlp_bias": False}, rules, {"head_dim": cfg.head_dim}, h.VOCAB_PADDING)
