@@ -53,11 +53,17 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.mark.parametrize("family", list(MODELS))
-def test_export_matches_megatron_logits(trained, family, tmp_path):
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
     from ucp_plugin.tools.hf_export import export_hf
+    root = tmp_path_factory.mktemp("hf_out")
+    return {f: export_hf(trained[f]["path"], str(root / f)) for f in MODELS}
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_export_matches_megatron_logits(trained, exported, family):
     sizes, cls = MODELS[family]
-    out = export_hf(trained[family]["path"], str(tmp_path / "hf"))
+    out = exported[family]
     got, model = hf_logits(out, sizes["vocab"], sizes["seq_length"])
     assert type(model).__name__ == cls
     ref = trained[family]["logits"][..., :sizes["vocab"]]  # megatron's padded vocabulary rows dropped
@@ -92,3 +98,51 @@ def test_export_unknown_family_is_one_line_error(trained, tmp_path):
         assert "\n" not in str(e.value)
     from ucp_plugin.cli.main import main
     assert main(["export", str(bad), str(tmp_path / "cli"), "--to", "hf"]) == 2  # the CLI: one line, exit 2
+
+
+IMPORT_LAYOUTS = {"gpt": dict(tp=2), "llama": dict(tp=2), "mixtral": dict(dp=2, ep=2)}
+
+
+@pytest.fixture(scope="module")
+def imported(exported, tmp_path_factory):
+    """Each export imported back; megatron loads it at TP2 (GPT, LLaMA) or EP2 (Mixtral) on 2 ranks."""
+    from ucp_plugin.tools.hf_import import import_hf
+    root = tmp_path_factory.mktemp("hf_in")
+    paths = {f: import_hf(exported[f], str(root / f), f) for f in MODELS}
+    runs = [dict(family=f, model=MODELS[f][0], layout=IMPORT_LAYOUTS[f], path=paths[f]) for f in MODELS]
+    ranks = run_workers(2, "tests.hf_workers:load_logits", {"runs": runs}, timeout=900, env=_env(),
+                        log_dir=str(root / "log"))
+    return {f: {"path": paths[f], "logits": torch.tensor(r["logits"])} for f, r in zip(MODELS, ranks[0])}
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_import_loads_in_megatron_on_another_layout(trained, imported, family):
+    vocab = MODELS[family][0]["vocab"]
+    got, ref = imported[family]["logits"][..., :vocab], trained[family]["logits"][..., :vocab]
+    assert rel_err(got, ref) <= TOL, (family, IMPORT_LAYOUTS[family], rel_err(got, ref))
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_export_import_export_is_bitwise(exported, imported, family, tmp_path):
+    from safetensors.torch import load_file
+
+    from ucp_plugin.tools.hf_export import export_hf
+    from ucp_plugin.tools.verify import verify
+    assert verify(imported[family]["path"]) == []
+    again = export_hf(imported[family]["path"], str(tmp_path / "again"))
+    first, second = (load_file(os.path.join(d, "model.safetensors")) for d in (exported[family], again))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert json.load(open(os.path.join(again, "config.json"))) == json.load(open(os.path.join(exported[family],
+                                                                                             "config.json")))
+
+
+def test_import_refuses_another_family(exported, tmp_path):
+    from ucp_plugin.errors import FormatError
+    from ucp_plugin.tools.hf_import import import_hf
+    with pytest.raises(FormatError, match=r"config\.json: model_type 'llama' does not match family 'gpt' "
+                                          r"\(expects 'gpt2'\); use --family llama") as e:
+        import_hf(exported["llama"], str(tmp_path / "x"), "gpt")
+    assert "\n" not in str(e.value)
+    with pytest.raises(FormatError, match="model_type 'mixtral' does not match family 'llama'"):
+        import_hf(exported["mixtral"], str(tmp_path / "y"), "llama")

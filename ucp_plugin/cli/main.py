@@ -1,4 +1,4 @@
-"""The ``ucp`` command line: inspect, verify, convert, export, validate.
+"""The ``ucp`` command line: inspect, verify, convert, export, import, validate.
 
 Each subcommand parses its flags and calls a library function in ``ucp_plugin.tools`` with plain
 values; no argparse namespace goes into the library. Exit codes: 0 ok, 1 problems found / not
@@ -67,6 +67,13 @@ def _export(args) -> int:
     return 0
 
 
+def _import(args) -> int:
+    from ..tools.hf_import import import_hf
+    out = import_hf(args.hf_dir, args.out, args.family, progress=sys.stderr.isatty())
+    print(f"wrote weights-only universal checkpoint {out} (family {args.family})")
+    return 0
+
+
 def _validate(args) -> int:
     from ..tools.validate import validate
     verdict = validate(args.path, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, zero_stage=args.zero_stage,
@@ -105,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None,
                    help="--to hf, for a checkpoint of an HF model (no family): its config.json")
     s.set_defaults(fn=_export)
+    s = sub.add_parser("import", help="a Hugging Face transformers folder as a weights-only universal "
+                                      "checkpoint the megatron-core adapter loads at any TP/PP/EP")
+    s.add_argument("hf_dir")
+    s.add_argument("out")
+    s.add_argument("--family", required=True, choices=["gpt", "llama", "mixtral"])
+    s.set_defaults(fn=_import)
     s = sub.add_parser("validate", help="can this checkpoint be loaded on a layout? (exit 0/1)")
     s.add_argument("path")
     for flag in ("tp", "pp", "dp", "ep"):

@@ -30,6 +30,7 @@ def spec(config: ModelConfig | None = None, **sizes) -> ModelSpec:
                      num_layers=cfg.layers, attributes=b.attributes(cfg))
 
 
+HF_MODEL_TYPE = "gpt2"
 HF_FIELDS = {"n_embd": "hidden", "n_head": "heads", "n_layer": "layers", "n_inner": "ffn", "vocab_size": "vocab",
              "n_positions": "seq_length", "tie_word_embeddings": "tied"}
 # megatron's GPT: exact (erf) GeLU, LayerNorm eps 1e-5, no dropout, 1/sqrt(head_dim) attention scale
@@ -62,4 +63,4 @@ def hf_spec(config: ModelConfig | None = None, **sizes) -> HfSpec:
                   HfRule(L + f"mlp.linear_fc2.{kind}", H + f"mlp.c_proj.{kind}", transpose=kind == "weight")]
     if not cfg.tied:
         rules.append(HfRule("output_layer.weight", "lm_head.weight"))
-    return HfSpec("GPT2LMHeadModel", "gpt2", HF_FIELDS, HF_FIXED, tuple(rules), dropped=VOCAB_PADDING)
+    return HfSpec("GPT2LMHeadModel", HF_MODEL_TYPE, HF_FIELDS, HF_FIXED, tuple(rules), dropped=VOCAB_PADDING)

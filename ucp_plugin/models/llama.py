@@ -24,9 +24,13 @@ def spec(config: ModelConfig | None = None, **sizes) -> ModelSpec:
                      num_layers=cfg.layers, attributes=b.attributes(cfg))
 
 
+HF_MODEL_TYPE = "llama"
+HF_FIELDS = {**h.LLAMA_FIELDS, "intermediate_size": "ffn"}
+
+
 def hf_spec(config: ModelConfig | None = None, **sizes) -> HfSpec:
     """``LlamaForCausalLM``: QKV unfused per query group, fc1 into gate/up."""
     cfg = resolve(config, sizes)
     rules = h.llama_common(cfg) + h.swiglu(h.L + "mlp.", "model.layers.{0}.mlp.", cfg.ffn)
-    return HfSpec("LlamaForCausalLM", "llama", {**h.LLAMA_FIELDS, "intermediate_size": "ffn"},
+    return HfSpec("LlamaForCausalLM", HF_MODEL_TYPE, HF_FIELDS,
                   {**h.LLAMA_FIXED, "mlp_bias": False}, rules, {"head_dim": cfg.head_dim}, h.VOCAB_PADDING)

@@ -54,6 +54,11 @@ def spec(config: ModelConfig | None = None, **sizes) -> ModelSpec:
                      num_layers=cfg.layers, num_experts=cfg.experts, attributes=b.attributes(cfg))
 
 
+HF_MODEL_TYPE = "mixtral"
+HF_FIELDS = {**h.LLAMA_FIELDS, "intermediate_size": "moe_ffn", "num_local_experts": "experts",
+             "num_experts_per_tok": "topk"}
+
+
 def hf_spec(config: ModelConfig | None = None, **sizes) -> HfSpec:
     """``MixtralForCausalLM`` (transformers 5): LLaMA attention; the router is ``mlp.gate``; each layer's
     experts are stacked, fc1 ``[gate; up]`` as ``gate_up_proj [E, 2*ffn, hidden]`` and fc2 as
@@ -64,8 +69,6 @@ def hf_spec(config: ModelConfig | None = None, **sizes) -> HfSpec:
         HfRule(h.L + "mlp.router.weight", "model.layers.{0}.mlp.gate.weight"),
         HfRule(expert + "linear_fc1.weight", "model.layers.{0}.mlp.experts.gate_up_proj", stack=1),
         HfRule(expert + "linear_fc2.weight", "model.layers.{0}.mlp.experts.down_proj", stack=1))
-    fields = {**h.LLAMA_FIELDS, "intermediate_size": "moe_ffn", "num_local_experts": "experts",
-              "num_experts_per_tok": "topk"}
-    return HfSpec("MixtralForCausalLM", "mixtral", fields, {**h.LLAMA_FIXED, "sliding_window": None,
+    return HfSpec("MixtralForCausalLM", HF_MODEL_TYPE, HF_FIELDS, {**h.LLAMA_FIXED, "sliding_window": None,
                                                              "router_jitter_noise": 0.0}, rules,
                   {"head_dim": cfg.head_dim}, h.VOCAB_PADDING)
