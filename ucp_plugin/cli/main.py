@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..errors import UCPError
@@ -34,6 +35,13 @@ def _convert(args) -> int:
         from ..tools.ds_ucp import to_deepspeed
         out = to_deepspeed(args.path, args.out, progress=sys.stderr.isatty())
         print(f"wrote DeepSpeed universal checkpoint {out} (resume with \"checkpoint\": {{\"load_universal\": true}})")
+        return 0
+    from ..deepspeed.native import is_native
+    from ..format import MANIFEST
+    if not os.path.isfile(os.path.join(args.path, MANIFEST)) and is_native(args.path):
+        from ..tools.native_convert import convert_native
+        out = convert_native(args.path, args.out, workers=args.workers, progress=sys.stderr.isatty())
+        print(f"wrote universal checkpoint {out} from the native DeepSpeed checkpoint {args.path}")
         return 0
     from ..tools.convert import convert
     out = convert(args.path, args.out)
@@ -99,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--to", default="consolidated", choices=["consolidated", "deepspeed"],
                    help="deepspeed: a folder stock DeepSpeed resumes with checkpoint.load_universal")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes converting a native DeepSpeed checkpoint (PATH without ucp.json)")
     s.set_defaults(fn=_convert)
     s = sub.add_parser("export", help="write the model weights as one safetensors file, or as a Hugging Face "
                                       "transformers folder (--to hf)")

@@ -195,6 +195,11 @@ class NativeSource:
                            lambda pl=pl: self._buffer(pl.rank, pl.index, state), f.buffer_offset)
         return out
 
+    def release(self) -> None:
+        """Drop the mapped files read so far (a streaming reader calls this between atoms, so the
+        pages it touched do not accumulate in its memory); they are mapped again when needed."""
+        self._files.clear()
+
     def _model_states(self, rank: int) -> dict:
         path = model_states_file(self.path, rank)
         if path not in self._files:

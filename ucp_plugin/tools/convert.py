@@ -29,9 +29,14 @@ def _atom_file(name: str) -> str:
 def write_atom(out: str, atom: Atom, tensors: dict[str, torch.Tensor]) -> tuple[Atom, FileEntry]:
     """One atom's states as ``atoms/<name>.safetensors`` under ``out`` (the consolidated form): the atom
     with its pieces, and the file's manifest entry."""
-    rel = _atom_file(atom.name)
     flat = {s: t.reshape(-1).contiguous() for s, t in tensors.items()}
-    save_tensors(os.path.join(out, rel), flat)
+    save_tensors(os.path.join(out, _atom_file(atom.name)), flat)
+    return atom_record(out, atom, flat)
+
+
+def atom_record(out: str, atom: Atom, flat: dict[str, torch.Tensor]) -> tuple[Atom, FileEntry]:
+    """The manifest's view of an atom file already written with these 1-D states."""
+    rel = _atom_file(atom.name)
     whole = Region.whole(atom.shape)
     pieces = tuple(Piece(s, rel, s, whole, 0, atom.numel, 0, CHUNK_ELEMS, chunk_digests(t, CHUNK_ELEMS))
                    for s, t in flat.items())
