@@ -4,10 +4,11 @@ without the plugin) rewritten offline as a universal checkpoint in the consolida
 It reads through ``deepspeed.native.NativeSource`` (what ``engine.load_checkpoint`` with the plugin
 reads: ``plan.zero`` says which saved rank's file holds which element of each parameter). Streaming:
 each atom is assembled from its fragments and written once, straight to its file
-``atoms/<name>.safetensors`` (no temporary copy of the checkpoint); then the memory-mapped rank files
-are released. Memory bound, per worker: one atom's S states (Adam: fp32, exp_avg, exp_avg_sq) plus the
-pages of its fragments touched in the mapped files (one state's worth each), i.e. about ``2S x`` the
-largest parameter's fp32 bytes above the interpreter's baseline (a test checks ``2S + 1``).
+``atoms/<name>.safetensors`` (no temporary copy of the checkpoint); the memory-mapped rank files are
+released whenever the bytes read since the last release reach the largest parameter's fp32 size L.
+Memory bound, per worker: one atom's S states (Adam: fp32, exp_avg, exp_avg_sq; at most S x L) plus
+the pages touched in the mapped files since the last release (at most L + S x L), i.e.
+``(2S + 1) x L`` above the interpreter's baseline (a test checks it).
 ``workers`` processes convert disjoint atoms. Resumable: an atom file that an interrupted run finished
 is kept (one cut short fails to open and is rewritten); the manifest, written last, commits.
 """
@@ -51,13 +52,33 @@ def _finished(out: str, atom: Atom) -> dict[str, torch.Tensor] | None:
     return flat if all(t.numel() == atom.numel for t in flat.values()) else None
 
 
-def convert_atom(source, out: str, atom: Atom) -> tuple[Atom, FileEntry]:
+class Reader:
+    """A source whose mapped rank files are released once the bytes read since the last release reach
+    ``budget`` (the largest parameter's fp32 bytes): the pages touched never exceed budget plus one
+    atom, and small atoms do not pay a re-mapping each (re-opening costs a torch.load per rank file)."""
+
+    def __init__(self, source, budget: int):
+        self.source, self.budget, self.since = source, budget, 0
+
+    def atom(self, atom: Atom) -> dict[str, torch.Tensor]:
+        tensors = {s: self.source.read(atom.name, s, 0, atom.numel, getattr(torch, d))
+                   for s, d in atom.states.items()}
+        self.since += atom_bytes(atom)
+        if self.since >= self.budget:
+            self.source.release()
+            self.since = 0
+        return tensors
+
+
+def convert_atom(reader: Reader, out: str, atom: Atom) -> tuple[Atom, FileEntry]:
     flat = _finished(out, atom)
     if flat is not None:
         return atom_record(out, atom, flat)
-    tensors = {s: source.read(atom.name, s, 0, atom.numel, getattr(torch, d)) for s, d in atom.states.items()}
-    source.release()  # unmap the rank files: the pages touched leave this process
-    return write_atom(out, atom, tensors)
+    return write_atom(out, atom, reader.atom(atom))
+
+
+def budget(source) -> int:
+    return max(a.numel for a in source.atoms.values()) * 4
 
 
 _WORKER: dict = {}
@@ -65,8 +86,9 @@ _WORKER: dict = {}
 
 def _work(folder: str, out: str, atom: Atom) -> tuple[Atom, FileEntry]:
     if _WORKER.get("folder") != folder:  # one source per worker process, opened on its first atom
-        _WORKER.update(folder=folder, source=_source(folder))
-    return convert_atom(_WORKER["source"], out, atom)
+        source = _source(folder)
+        _WORKER.update(folder=folder, reader=Reader(source, budget(source)))
+    return convert_atom(_WORKER["reader"], out, atom)
 
 
 def header(source) -> Manifest:
@@ -90,8 +112,9 @@ def convert_native(folder: str, out: str, workers: int = 1, progress: bool = Fal
     with tqdm(total=sum(map(atom_bytes, atoms)), unit="B", unit_scale=True, desc="convert",
               disable=not progress) as bar:
         if workers <= 1:
+            reader = Reader(source, budget(source))
             for atom in atoms:
-                done[atom.name] = convert_atom(source, out, atom)
+                done[atom.name] = convert_atom(reader, out, atom)
                 bar.update(atom_bytes(atom))
         else:
             with ProcessPoolExecutor(workers) as pool:
