@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)
 
 def make_checkpoint(root: str, stage: int, model: dict) -> str:
     from tests.ds_harness import ds_config
-    from ucp_plugin.launcher import run_workers
+    from ucp_plugin.testing.launcher import run_workers
     env = {"PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     run_workers(2, "tests.ds_harness:train_many", {"runs": [dict(config=ds_config(stage, "fp32", 2), steps=1,
                 save_dir=os.path.join(root, "native"), model=model)]}, timeout=1800, env=env,

@@ -1,4 +1,4 @@
-"""Megatron workers for the Hugging Face tests (run by ``ucp_plugin.launcher`` in fresh processes: the
+"""Megatron workers for the Hugging Face tests (run by ``ucp_plugin.testing.launcher`` in fresh processes: the
 CPU shim is process-global). Each returns megatron's own logits on probe tokens, the reference the
 transformers model must reproduce."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ def logits(model, tokens) -> list:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from ucp_plugin.megatron.build import unwrap
+    from ucp_plugin.megatron.model_view import unwrap
 
     gpt = unwrap(model)
     gpt.eval()
@@ -35,7 +35,7 @@ def train_save_logits(runs: list[dict]) -> list[dict]:
     """Per run {family, model, root, steps}: train ``steps`` steps at TP=PP=1 from the reference
     weights, save a universal checkpoint, return its path and the logits on the probe tokens."""
     from ucp_plugin.megatron.checkpoint import save_universal
-    from ucp_plugin.megatron.harness import TrainSettings, init_process, setup, token_batches, train_step
+    from ucp_plugin.testing.harness import TrainSettings, init_process, setup, token_batches, train_step
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
 
@@ -56,7 +56,7 @@ def load_logits(runs: list[dict]) -> list[dict]:
     """Per run {family, model, layout, path}: load the (weights-only) checkpoint at ``layout`` into a
     model built with other initial weights, return the logits on the probe tokens."""
     from ucp_plugin.megatron.checkpoint import load_universal
-    from ucp_plugin.megatron.harness import TrainSettings, init_process, setup
+    from ucp_plugin.testing.harness import TrainSettings, init_process, setup
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
 

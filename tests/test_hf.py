@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ucp_plugin.errors import UnsupportedError
-from ucp_plugin.launcher import run_workers
+from ucp_plugin.testing.launcher import run_workers
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")

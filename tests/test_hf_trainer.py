@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from ucp_plugin.launcher import run_workers
+from ucp_plugin.testing.launcher import run_workers
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ then works on any number of processes (Trainer calls ``engine.load_checkpoint``,
 The model is a tiny GPT-2 built from its config (dropout 0, no download); the data are random token
 sequences of a fixed seed. The global batch is fixed (``GLOBAL_BATCH`` = per-device batch x processes)
 and Trainer's sampler order does not depend on the process count, so every step sees the same
-sequences at every world size. ``worker`` (for ``ucp_plugin.launcher.run_workers``) returns each
+sequences at every world size. ``worker`` (for ``ucp_plugin.testing.launcher.run_workers``) returns each
 rank's own mean loss per step (recorded in ``compute_loss``; Trainer's logged loss is rounded).
 Run by hand: ``torchrun --nproc-per-node 2 -m recipes.hf_trainer.train --out runs/hf --stage 2``.
 """

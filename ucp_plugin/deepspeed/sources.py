@@ -4,29 +4,36 @@ A *source* offers ``path``, ``atoms`` (name -> ``format.Atom``, pieces left out)
 (flat elements of one atom state), ``common_state()`` (the ``state.py`` schema),
 ``rank_state(rank, world_size)`` (RNG, or None when it cannot apply) and ``bytes()`` (bytes requested
 by ``read`` calls at their stored size, bytes fetched from storage; None where not counted).
+Kinds of folder are registered (``register_source``): the universal format, DeepSpeed's own universal
+folders (``ds_to_universal``) and native DeepSpeed.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from ..errors import FormatError
 from ..format import MANIFEST, Region
 from ..storage import Checkpoint, read_latest, resolve
-from . import ds_universal, native
 
 
 class UcpSource:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self.path = checkpoint.path
-        self.atoms = {a.name: a for a in checkpoint.manifest.atoms}
-        self.dp, self.tp = checkpoint.manifest.layout.dp, checkpoint.manifest.layout.tp
+        self.atoms = {a.name: a for a in checkpoint.top.atoms}
+        self.dp, self.tp = checkpoint.top.layout.dp, checkpoint.top.layout.tp
         self.requested = 0
 
-    def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    reads_in_place = True  # ``read(..., out=)`` fills the caller's tensor without a temporary
+
+    def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         meta = self.atoms[name]
-        out = self.checkpoint.read_fragment(name, state, Region.whole(meta.shape), start, stop, dtype)
+        out = self.checkpoint.read_fragment(name, state, Region.whole(meta.shape), start, stop, dtype, out=out)
         self.note_request(name, state, stop - start)
         return out
 
@@ -46,7 +53,7 @@ class UcpSource:
         return self.checkpoint.load_state()
 
     def rank_state(self, rank: int, world_size: int) -> dict | None:
-        if self.checkpoint.manifest.state_ranks != world_size or not self.checkpoint.has_state(rank):
+        if self.checkpoint.top.state_ranks != world_size or not self.checkpoint.has_state(rank):
             return None
         return self.checkpoint.load_state(rank)
 
@@ -64,31 +71,66 @@ def checkpoint_folder(load_dir: str, tag) -> str:
     return os.path.join(str(load_dir), latest) if latest else str(load_dir)
 
 
-# Foreign checkpoint readers, tried in order after ``ucp.json``: name -> (probe(folder), open(folder)).
-# A DeepSpeed universal folder also has model-states files, so it is probed before a native one.
-FOREIGN_SOURCES: dict[str, tuple] = {}
+@dataclass(frozen=True)
+class SourceKind:
+    """A kind of checkpoint folder ``load_checkpoint`` reads: ``claims(folder)`` says whether a folder
+    is one, ``open(folder, verify)`` returns its source; ``description`` names it in errors."""
+    name: str
+    claims: Callable[[str], bool]
+    open: Callable[[str, bool], object]
+    description: str
 
 
-def register_source(name: str, probe, opener) -> None:
-    """Register a reader of another checkpoint kind; a second registration under a name is refused."""
-    if name in FOREIGN_SOURCES and FOREIGN_SOURCES[name] != (probe, opener):
-        raise ValueError(f"a checkpoint source named {name!r} is already registered")
-    FOREIGN_SOURCES[name] = (probe, opener)
+_SOURCES: dict[str, SourceKind] = {}
+
+
+def register_source(kind: SourceKind) -> None:
+    """Add a checkpoint source; ``open_source`` asks each in registration order. A second kind under
+    the same name raises."""
+    if kind.name in _SOURCES:
+        raise ValueError(f"a checkpoint source named {kind.name!r} is already registered")
+    _SOURCES[kind.name] = kind
+
+
+def _native(folder: str, verify: bool):
+    from .native import NativeSource
+
+    return NativeSource(folder)
+
+
+def _is_native(folder: str) -> bool:
+    from .native import is_native
+
+    return is_native(folder)
+
+
+register_source(SourceKind("ucp", lambda folder: os.path.isfile(os.path.join(folder, MANIFEST)),
+                           lambda folder, verify: UcpSource(Checkpoint.open(folder, verify=verify)),
+                           f"a universal checkpoint ({MANIFEST})"))
+def _ds_universal(folder: str, verify: bool):
+    from .ds_universal import DsUniversalSource
+
+    return DsUniversalSource(folder)
+
+
+def _is_ds_universal(folder: str) -> bool:
+    from .ds_universal import is_ds_universal
+
+    return is_ds_universal(folder)
+
+
+# before native: a ds_to_universal folder also holds model-states files
+register_source(SourceKind("deepspeed.universal", _is_ds_universal, _ds_universal,
+                           "a DeepSpeed universal folder (zero/optimizer_state.pt)"))
+register_source(SourceKind("deepspeed.native", _is_native, _native, "a DeepSpeed one (*_model_states.pt)"))
 
 
 def open_source(load_dir: str, tag=None, verify: bool = True):
-    """A universal checkpoint if the folder has ``ucp.json``, else the first registered foreign source
-    that recognises it (a ``ds_to_universal`` folder, a native DeepSpeed checkpoint)."""
+    """The source of the first registered kind that claims the folder (a universal checkpoint if it
+    has ``ucp.json``, else a native DeepSpeed checkpoint)."""
     folder = checkpoint_folder(load_dir, tag)
-    if os.path.isfile(os.path.join(folder, MANIFEST)):
-        return UcpSource(Checkpoint.open(folder, verify=verify))
-    for probe, opener in FOREIGN_SOURCES.values():
-        if probe(folder):
-            return opener(folder)
+    for kind in _SOURCES.values():
+        if kind.claims(folder):
+            return kind.open(folder, verify)
     resolve(folder)  # raises the precise reason (missing, interrupted save, empty, ...)
-    raise FormatError(f"{folder}: neither a universal checkpoint ({MANIFEST}), nor a DeepSpeed universal "
-                      "folder (zero/optimizer_state.pt), nor a DeepSpeed one (*_model_states.pt)")
-
-
-register_source("deepspeed.universal", ds_universal.is_ds_universal, ds_universal.DsUniversalSource)
-register_source("deepspeed.native", native.is_native, native.NativeSource)
+    raise FormatError(f"{folder}: neither " + " nor ".join(k.description for k in _SOURCES.values()))

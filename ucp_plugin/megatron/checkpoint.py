@@ -8,7 +8,7 @@ scalar states (``step``). A TP-replicated parameter is written by TP rank 0 (all
 split's ``reduce`` is "check"/"average"); a tied output layer is not written (it is the embedding's
 atom); vocabulary padding rows are never written. A ``Blocks`` parameter (megatron's legacy
 GroupedMLP: all local experts in one tensor) is written to the atoms of its segments, each block's
-part of the range in that atom's canonical order (``plan.blocks``), and read back the same way.
+part of the range in that atom's canonical order (``plan.segments``), and read back the same way.
 Rank 0 writes the common state (iteration, scheduler, optimizer hyper-parameters, grad scaler,
 caller's extra state); every rank its RNG.
 
@@ -29,20 +29,20 @@ import torch
 
 from ..comm import Comm
 from ..errors import StateMismatchError
-from ..format import Atom, Layout, dtype_name
+from ..format import WEIGHT_STATE, Atom, Layout, dtype_name
 from ..language import Replicated
 from ..models.config import ModelConfig
 from ..session import SaveHeader, save_universal as run_save
 from ..storage import Checkpoint, ShardWriter
 from . import optimizer_view as O
 from . import vocab_padding as P
-from .build import unwrap
-from .model_view import ParamEntry, dp_share, layers_per_stage, param_entries, resolve_spec
+from ..plan.zero import even_share
+from .model_view import (ParamEntry, as_chunks, layers_per_stage, megatron_lm_vocab, param_entries, resolve_spec,
+                         unwrap)
 from .validate import validate_layout
 
 log = logging.getLogger(__name__)
 ADAPTER, ADAPTER_VERSION = "megatron.core", "1"
-WEIGHT = {"param": "fp32", "frozen": "param"}
 _HYPER_TYPES = (int, float, bool, str, type(None))
 PAD_SPLIT = Replicated().to_json()  # a padding atom is read by explicit row ranges, never planned by split
 
@@ -54,15 +54,13 @@ class RankView:
     config: ModelConfig
     entries: tuple[ParamEntry, ...]
     layout: Layout
-
-
-def as_chunks(model) -> list:
-    return list(model) if isinstance(model, (list, tuple)) else [model]
+    padded_vocab: int | None = None  # set when the true vocabulary size is unknown (``vocab_padding``)
 
 
 def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None) -> RankView:
     from megatron.core import parallel_state as ps
 
+    known = config is not None or bool(vocab) or bool(megatron_lm_vocab()[0])
     family, config, spec = resolve_spec(chunks, family, config, vocab)
     tconfig = unwrap(chunks[0]).config
     param_dtype = dtype_name(next(unwrap(chunks[0]).parameters()).dtype)
@@ -74,7 +72,8 @@ def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None)
                     param_dtype=param_dtype, layers_per_stage=layers_per_stage(chunks),
                     # a dense model has no expert layers, so no expert-TP size to record
                     etp=ps.get_expert_tensor_parallel_world_size() if config.experts else None)
-    return RankView(family, config, tuple(param_entries(chunks, spec, config)), layout)
+    return RankView(family, config, tuple(param_entries(chunks, spec, config)), layout,
+                    None if known else config.vocab)
 
 
 # ------------------------------------------------------------------------------------------- save
@@ -95,7 +94,7 @@ def _pieces(e: ParamEntry, master: O.Master | None) -> tuple[int, int, dict, dic
     if master is not None and master.distributed:
         start, stop = master.start, master.stop
     else:
-        start, stop = dp_share(e.param.numel(), e.dp_rank, e.dp)
+        start, stop = even_share(e.param.numel(), e.dp_rank, e.dp)
     if master is None:
         flat = e.param.detach().reshape(-1)[start:stop]
         key = "fp32" if e.param.requires_grad else "param"
@@ -195,10 +194,12 @@ def rank_state() -> dict:
     return state
 
 
-def model_info(config: ModelConfig) -> dict:
-    """The manifest's ``model``: what ``validate.validate_layout`` checks a target layout against."""
-    return {"num_layers": config.layers, "num_experts": config.experts, "num_heads": config.heads,
+def model_info(config: ModelConfig, padded_vocab: int | None = None) -> dict:
+    """The manifest's ``model``: what ``validate.validate_layout`` checks a target layout against
+    (``padded_vocab``: the vocabulary atoms hold that many rows, the true size unknown)."""
+    info = {"num_layers": config.layers, "num_experts": config.experts, "num_heads": config.heads,
             "num_query_groups": config.groups, "config": asdict(config)}
+    return info if padded_vocab is None else {**info, "padded_vocab": padded_vocab}
 
 
 def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | None = None,
@@ -211,7 +212,8 @@ def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | N
     chunks, comm = as_chunks(model), Comm()
     view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
     header = SaveHeader(ADAPTER, ADAPTER_VERSION, "megatron-core", megatron.core.__version__, view.layout,
-                        family=view.family, iteration=iteration, model=model_info(view.config))
+                        family=view.family, iteration=iteration,
+                        model=model_info(view.config, view.padded_vocab))
 
     def fill(writer: ShardWriter) -> None:
         write_params(writer, view, optimizer)
@@ -227,7 +229,7 @@ def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | N
 
 def check_atoms(ck: Checkpoint, view: RankView) -> None:
     """Every local parameter has its atom(s), with the shape this model expects."""
-    stored = {a.name: a for a in ck.manifest.atoms}
+    stored = {a.name: a for a in ck.top.atoms}
     wanted = [atom for e in view.entries for atom in e.atoms]
     missing = sorted({name for name, _ in wanted if name not in stored})
     if missing:
@@ -235,27 +237,29 @@ def check_atoms(ck: Checkpoint, view: RankView) -> None:
                                  f"lacks, e.g. {missing[:5]}; is it the same model (family "
                                  f"{view.family!r}, {view.config})?")
     bad = [(name, list(stored[name].shape), list(shape)) for name, shape in wanted
-           if tuple(stored[name].shape) != tuple(shape)]
+           if tuple(stored[name].shape) != tuple(shape) and not P.holds_padding(ck.top, name, shape)]
     if bad:
         raise StateMismatchError(f"{ck.path}: shape mismatch (atom, checkpoint, this model): {bad[:5]}; "
                                  "check the ModelConfig (vocab, ffn, heads, query groups)")
 
 
 def has_optimizer_states(ck: Checkpoint) -> bool:
-    return any(set(a.states) - {"fp32"} for a in ck.manifest.atoms if a.kind == "param")
+    return any(set(a.states) - {"fp32"} for a in ck.top.atoms if a.kind == "param")
 
 
-def read_local(ck: Checkpoint, e: ParamEntry, state: str, start: int, stop: int, dtype) -> torch.Tensor:
-    """Local elements [start, stop) of ``e``'s ``state``, vocabulary padding rows included."""
+def read_local(ck: Checkpoint, e: ParamEntry, state: str, start: int, stop: int, dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Local elements [start, stop) of ``e``'s ``state``, vocabulary padding rows included (into
+    ``out`` when given, with no temporary)."""
     if e.segments:
-        out = torch.zeros(stop - start, dtype=dtype)
+        out = torch.zeros(stop - start, dtype=dtype) if out is None else out.zero_()
         for seg in e.segments:
             cut = seg.overlap(start, stop)
             if cut is not None:
-                out[cut[0] - start:cut[1] - start] = ck.read_fragment(
-                    seg.atom, state, seg.region, cut[0] - seg.offset, cut[1] - seg.offset, dtype, seg.order)
+                ck.read_fragment(seg.atom, state, seg.region, cut[0] - seg.offset, cut[1] - seg.offset, dtype,
+                                 seg.order, out=out[cut[0] - start:cut[1] - start])
         return out
-    out = ck.read_fragment(e.source, state, e.region, start, stop, dtype)
+    out = ck.read_fragment(e.source, state, e.region, start, stop, dtype, out=out)
     P.overlay(ck, e, state, start, out)
     return out
 
@@ -271,7 +275,10 @@ def _load_master(ck: Checkpoint, e: ParamEntry, master: O.Master, weight: torch.
             raise StateMismatchError(f"{ck.path}: parameter {lacking.name!r} has no optimizer state {key!r} "
                                      f"(it has {sorted(lacking.states)}); load with the optimizer that saved "
                                      "it, or without optimizer state")
-        live.copy_(read_local(ck, e, key, master.start, master.stop, live.dtype).view(live.shape))
+        if live.is_contiguous():
+            read_local(ck, e, key, master.start, master.stop, live.dtype, out=live.view(-1))
+        else:
+            live.copy_(read_local(ck, e, key, master.start, master.stop, live.dtype).view(live.shape))
     O.set_scalars(master.state, _scalars(ck.path, e, atoms))
 
 
@@ -290,7 +297,7 @@ def load_params(ck: Checkpoint, view: RankView, optimizer, with_opt: bool) -> No
     owned = O.masters(optimizer) if optimizer is not None else {}
     for e in view.entries:
         kind = ck.atom(e.atoms[0][0]).kind
-        weight = read_local(ck, e, WEIGHT[kind], 0, e.param.numel(), torch.float32)
+        weight = read_local(ck, e, WEIGHT_STATE[kind], 0, e.param.numel(), torch.float32)
         e.param.copy_(weight.view(e.param.shape))
         master = owned.get(e.param)
         if master is not None:
@@ -345,13 +352,13 @@ def restore_state(ck: Checkpoint, view: RankView, optimizer, rank: int, with_opt
     scaler = getattr(optimizer, "grad_scaler", None) if with_opt else None
     if scaler is not None and saved_opt.get("grad_scaler"):
         scaler.load_state_dict(saved_opt["grad_scaler"])
-    same = _rng_grid(ck.manifest.layout) == _rng_grid(view.layout)
+    same = _rng_grid(ck.top.layout) == _rng_grid(view.layout)
     if same and ck.has_state(rank):
         restore_rank_state(ck.load_state(rank))
     else:
-        log.info("layout changed (%s -> %s): RNG states are not restored", ck.manifest.layout.describe(),
+        log.info("layout changed (%s -> %s): RNG states are not restored", ck.top.layout.describe(),
                  view.layout.describe())
-    return {"iteration": common.get("iteration", ck.manifest.iteration),
+    return {"iteration": common.get("iteration", ck.top.iteration),
             "scheduler_state": common.get("scheduler"), "extra_state": common.get("extra")}
 
 
@@ -361,18 +368,20 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
     """Every rank calls this. Returns {"iteration", "scheduler_state", "extra_state"}. The optimizer
     states are loaded when ``optimizer`` is given and the checkpoint has them."""
     chunks, comm = as_chunks(model), Comm()
-    view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
     path = os.path.join(str(load_dir), tag) if tag else str(load_dir)
     ck = comm.run(lambda: Checkpoint.open(path, verify))
-    if (ck.manifest.model or {}).get("config"):  # the manifest records the model: check the layout first
-        comm.run(lambda: validate_layout(ck.manifest, view.layout))
+    if config is None and not vocab and not megatron_lm_vocab()[0]:
+        vocab = comm.run(lambda: P.vocab_to_load(ck, unwrap(chunks[0]).vocab_size))
+    view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
+    if (ck.top.model or {}).get("config"):  # the manifest records the model: check the layout first
+        comm.run(lambda: validate_layout(ck.top, view.layout))
     comm.run(lambda: check_atoms(ck, view))
     with_opt = optimizer is not None and has_optimizer_states(ck)
     if with_opt:
         O.ensure_state(optimizer)
     comm.run(lambda: load_params(ck, view, optimizer, with_opt))
     used = comm.all_sum(_counted(view))
-    stored = sum(1 for a in ck.manifest.atoms if a.kind in WEIGHT and not a.name.endswith(P.SUFFIX))
+    stored = sum(1 for a in ck.top.atoms if a.kind in ("param", "frozen") and not a.name.endswith(P.SUFFIX))
     if strict and used != stored:
         raise StateMismatchError(f"{ck.path}: the checkpoint has {stored} parameters, this model uses "
                                  f"{used}; inspect both (ucp inspect) or pass strict=False")

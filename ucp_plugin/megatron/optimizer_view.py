@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UnsupportedError
+from ..format import scalar_value
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Master:
 
 
 def inner_optimizers(optimizer) -> list:
+    """The megatron optimizers inside a (possibly chained) megatron optimizer."""
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
 
@@ -110,7 +112,7 @@ def scalar_states(state: dict) -> dict[str, int | float]:
         if torch.is_tensor(value) and value.dim() == 0:
             value = value.item()
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = int(value) if float(value).is_integer() else float(value)
+            out[key] = scalar_value(value)
     return out
 
 
