@@ -49,9 +49,13 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    def __init__(self, vocab=37, seq=8, d=18, heads=3, hidden=45, layers=2, tied=False, dropout=0.0):
+    def __init__(self, vocab=37, seq=8, d=18, heads=3, hidden=45, layers=2, tied=False, dropout=0.0,
+                 moving_buffer=True):
         super().__init__()
         self.drop = nn.Dropout(dropout)  # > 0 only where a test checks that RNG states are restored
+        # False: ``phase`` stays 0, for runs resumed by stock DeepSpeed's universal loading, which
+        # restores no buffer (nor frozen parameter: those resume from the same init seed)
+        self.moving_buffer = moving_buffer
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Parameter(torch.randn(seq, d) * 0.5, requires_grad=False)
         self.register_buffer("phase", torch.zeros(()))
@@ -72,7 +76,8 @@ class TinyGPT(nn.Module):
     @torch.no_grad()
     def tick(self) -> None:
         """Called once per optimizer step, identically on every rank."""
-        self.phase += 1
+        if self.moving_buffer:
+            self.phase += 1
 
 
 def build_model(init_seed: int = 0, **overrides) -> TinyGPT:

@@ -69,7 +69,7 @@ def is_native(folder: str) -> bool:
     return bool(glob.glob(os.path.join(folder, "*model_states.pt")))
 
 
-def _model_states_file(folder: str, rank: int) -> str:
+def model_states_file(folder: str, rank: int) -> str:
     for name in (f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
@@ -95,7 +95,7 @@ def _kind(cfg: dict, folder: str) -> tuple[str, str]:
 class NativeSource:
     def __init__(self, folder: str):
         self.path = folder
-        self.model = safe_load(_model_states_file(folder, 0))
+        self.model = safe_load(model_states_file(folder, 0))
         cfg = self.model.get("ds_config") or {}
         self.kind, self.dtype = _kind(cfg, folder)
         self.dp = int(self.model["dp_world_size"])
@@ -198,8 +198,13 @@ class NativeSource:
                            lambda pl=pl: self._buffer(pl.rank, pl.index, state), f.buffer_offset)
         return out
 
+    def release(self) -> None:
+        """Drop the mapped files read so far (a streaming reader calls this between atoms, so the
+        pages it touched do not accumulate in its memory); they are mapped again when needed."""
+        self._files.clear()
+
     def _model_states(self, rank: int) -> dict:
-        path = _model_states_file(self.path, rank)
+        path = model_states_file(self.path, rank)
         if path not in self._files:
             self._files[path] = safe_load(path)
         return self._files[path]
@@ -220,21 +225,23 @@ class NativeSource:
 
     def common_state(self) -> dict:
         files = self._optim(0)
-        osd = files.get("osd", {})
-        scaler = osd.get("loss_scaler")
-        m = self.model
-        return {"engine": {k: m.get(k) for k in ("global_steps", "global_samples", "skipped_steps")},
-                "lr_scheduler": m.get("lr_scheduler"),
-                "optimizer": {"param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                               for g in files["base"]["param_groups"]],
-                              "wrapper": {k: osd[k] for k in ("dynamic_loss_scale", "overflow", "clip_grad")
-                                          if k in osd},
-                              "loss_scaler": None if scaler is None else
-                              {"class": type(scaler).__name__, "fields": dict(vars(scaler))}},
-                "client_state": {k: v for k, v in m.items() if k not in DS_KEYS}}
+        return common_state(self.model, files["base"]["param_groups"], files.get("osd", {}))
 
     def rank_state(self, rank: int, world_size: int) -> None:
         return None  # DeepSpeed does not save RNG states
 
     def bytes(self) -> None:
         return None  # torch.load maps whole files
+
+
+def common_state(model: dict, param_groups: list, osd: dict) -> dict:
+    """The ``state.py`` schema from a DeepSpeed model-states dict, the base optimizer's param groups and
+    the ZeRO wrapper's state dict (loss scaler, clipping); shared with ``ds_universal``."""
+    scaler = osd.get("loss_scaler")
+    return {"engine": {k: model.get(k) for k in ("global_steps", "global_samples", "skipped_steps")},
+            "lr_scheduler": model.get("lr_scheduler"),
+            "optimizer": {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in param_groups],
+                          "wrapper": {k: osd[k] for k in ("dynamic_loss_scale", "overflow", "clip_grad") if k in osd},
+                          "loss_scaler": None if scaler is None else
+                          {"class": type(scaler).__name__, "fields": dict(vars(scaler))}},
+            "client_state": {k: v for k, v in model.items() if k not in DS_KEYS}}
