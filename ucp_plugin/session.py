@@ -15,7 +15,7 @@ from typing import Callable
 from . import __version__
 from .comm import Comm
 from .format import Layout, Manifest, Writer
-from .storage import ShardWriter, commit, prepare_staging, staging_name
+from .storage import ShardWriter, commit, faults, prepare_staging, staging_name
 
 LOCK = ".ucp.lock"
 
@@ -51,13 +51,23 @@ def save_lock(root: str):
         os.close(fd)
 
 
+def _prepare(root: str, name: str, rank: int) -> str:
+    try:
+        faults.point("staging", rank)
+        os.makedirs(root, exist_ok=True)
+        return prepare_staging(root, name)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the save folder {root!r} ({e.strerror}); save to a "
+                               "writable path with free space") from e
+
+
 def save_universal(comm: Comm, root: str, tag: str, header: SaveHeader,
                    fill: Callable[[ShardWriter], None], update_latest: bool = True) -> str:
     """Every rank calls this; ``fill`` adds that rank's fragments and state. Returns the folder."""
-    if comm.rank == 0:
-        os.makedirs(root, exist_ok=True)
     name = comm.broadcast_str(staging_name(tag))
-    staging = comm.run(lambda: prepare_staging(root, name))
+    # every rank creates the folders inside the agreement: a read-only or full path is one clear
+    # error on every rank, not rank 0 failing alone while the others wait in the next collective
+    staging = comm.run(lambda: _prepare(root, name, comm.rank))
 
     def write_shard() -> None:
         writer = ShardWriter(staging, comm.rank)

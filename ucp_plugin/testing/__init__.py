@@ -1,0 +1,1 @@
+"""Test and recipe scaffolding (never imported by product code)."""
