@@ -19,6 +19,7 @@ import torch
 
 from tests.ds_harness import ds_config as C
 from ucp_plugin.launcher import run_workers
+from ucp_plugin.testing import nccl_rule
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +65,8 @@ TRANSITIONS = {  # name: (source, target world size, target config); other argum
 
 def _launch(world: int, runs: list[dict], log_dir) -> list[list[dict]]:
     """Per run, every rank's result."""
-    env = {"PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {"PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
+           nccl_rule.ENV: "1"}  # the plugin's collectives as on an NCCL default group
     ranks = run_workers(world, "tests.ds_harness:train_many", {"runs": runs}, timeout=900, env=env,
                         log_dir=str(log_dir))
     return [list(per_run) for per_run in zip(*ranks)]

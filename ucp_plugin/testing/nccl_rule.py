@@ -74,8 +74,9 @@ def install() -> None:
 
     for name in COLLECTIVES:
         setattr(dist, name, _guard(getattr(dist, name)))
-    real = comm.takes_cpu
-    comm.takes_cpu = lambda group: False if _on_default(group) else real(group)
+    real = getattr(comm, "takes_cpu", None)  # absent from a comm.py that knows no backend rule
+    if real is not None:
+        comm.takes_cpu = lambda group: False if _on_default(group) else real(group)
     _installed = True
 
 
