@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, replace
 
 from recipes.common import compare, write_results
-from ucp_plugin.launcher import run_workers
+from ucp_plugin.testing.launcher import run_workers
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import time
 import torch
 
 from mg_workers import schedule
-from ucp_plugin.launcher import run_workers
 from ucp_plugin.storage import Checkpoint
 from ucp_plugin.testing import nccl_rule
+from ucp_plugin.testing.launcher import run_workers
 
 
 def run_campaign(runs: list[dict], target: str = "mg_workers:run_plan", env: dict | None = None,

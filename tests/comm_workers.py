@@ -1,4 +1,4 @@
-"""Worker functions for tests/test_comm_backends.py (run by ``ucp_plugin.launcher``; the NCCL rule
+"""Worker functions for tests/test_comm_backends.py (run by ``ucp_plugin.testing.launcher``; the NCCL rule
 emulation is installed by the launcher when ``UCP_EMULATE_NCCL=1``)."""
 import os
 import time

@@ -9,7 +9,7 @@ Batches are a pure function of (seed, global step): every layout sees the same g
 over ranks and micro-batches (``ds_config`` derives micro-batch x accumulation from the DP size), so
 per-step losses of different layouts agree to rounding. Optimizers: DeepSpeed config AdamW or Adam
 (amsgrad), or a client torch AdamW / SGD with momentum (``train(client=...)``). ``train`` runs inside a worker started by
-``ucp_plugin.launcher.run_workers`` and returns JSON values only.
+``ucp_plugin.testing.launcher.run_workers`` and returns JSON values only.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Worker functions run by ``ucp_plugin.launcher.run_workers`` in DeepSpeed test processes (no pytest).
+"""Worker functions run by ``ucp_plugin.testing.launcher.run_workers`` in DeepSpeed test processes (no pytest).
 
 ``geometry`` builds one DeepSpeed engine per named config on the current process group and checks
 ``ucp_plugin.plan.zero`` against what DeepSpeed really holds: the *values* of every predicted fragment

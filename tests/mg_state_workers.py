@@ -27,7 +27,7 @@ def _state(run) -> dict:
 def save_run(family: str, model: dict, layout: dict, settings: dict, root: str, save_after: int,
              overrides: dict, group_step: bool) -> dict:
     from ucp_plugin.megatron.checkpoint import save_universal
-    from ucp_plugin.megatron.harness import TrainSettings, setup, token_batches, train_step
+    from ucp_plugin.testing.harness import TrainSettings, setup, token_batches, train_step
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
 
@@ -46,7 +46,7 @@ def save_run(family: str, model: dict, layout: dict, settings: dict, root: str, 
 def load_run(family: str, model: dict, layout: dict, settings: dict, root: str, resave_root: str,
              overrides: dict, group_step: bool) -> dict:
     from ucp_plugin.megatron.checkpoint import save_universal
-    from ucp_plugin.megatron.harness import TrainSettings, resume, token_batches, train_step
+    from ucp_plugin.testing.harness import TrainSettings, resume, token_batches, train_step
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
 

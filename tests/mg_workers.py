@@ -1,4 +1,4 @@
-"""Worker functions for the Megatron tests, run in fresh processes by ``ucp_plugin.launcher``
+"""Worker functions for the Megatron tests, run in fresh processes by ``ucp_plugin.testing.launcher``
 (the CPU shim is process-global, so it never enters the pytest process)."""
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "is_embed
 def _init_single_rank():
     import torch.distributed as dist
 
-    from ucp_plugin.megatron import cpu_shim
-    from ucp_plugin.megatron.layout import MegatronLayout, init_parallel_state
+    from ucp_plugin.megatron.layout import MegatronLayout
+    from ucp_plugin.testing import cpu_shim
+    from ucp_plugin.testing.build import init_parallel_state
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -30,9 +31,9 @@ def _describe(model) -> list[dict]:
 def megatron_parameters(models: dict) -> dict:
     """{label: [param description]} for GPTModels built at TP=PP=EP=1 from {label: (family, sizes)}
     (GroupedMLP builds with the CPU shim's grouped_gemm stand-in)."""
-    from ucp_plugin.megatron.build import build_stage_model
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
+    from ucp_plugin.testing.build import build_stage_model
 
     _init_single_rank()
     out = {}
@@ -48,7 +49,8 @@ def step_fix_runs(family: str, model: dict, layout: dict, settings: dict, resume
     the uninterrupted run, one after another in this process."""
     import torch.distributed as dist
 
-    from ucp_plugin.megatron import cpu_shim, distopt_fixes
+    from ucp_plugin.megatron import distopt_fixes
+    from ucp_plugin.testing import cpu_shim
 
     cpu_shim.install()
     dist.init_process_group("gloo")
@@ -60,9 +62,9 @@ def step_fix_runs(family: str, model: dict, layout: dict, settings: dict, resume
 
 
 def _resume_in_place(family, model, layout, settings, resume_after) -> dict:
-    from ucp_plugin.megatron.harness import TrainSettings, setup, token_batches, train_step
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
+    from ucp_plugin.testing.harness import TrainSettings, setup, token_batches, train_step
 
     cfg, sets = ModelConfig(**model), TrainSettings(**settings)
     run = setup(family, cfg, MegatronLayout(**layout), sets)
@@ -88,7 +90,7 @@ def run_plan(runs: list[dict], runners: dict | None = None) -> dict:
     layout; all layouts have this job's world size). Each run is {"id", "kind": "save" | "load",
     "args"}. Returns {id: result}; a run that raises gives {"error": "<type>: <message>"} (the errors
     expected here are raised on every rank alike, so the other runs go on)."""
-    from ucp_plugin.megatron.harness import init_process
+    from ucp_plugin.testing.harness import init_process
 
     init_process()
     out = {}
@@ -101,40 +103,46 @@ def run_plan(runs: list[dict], runners: dict | None = None) -> dict:
 
 
 def save_run(family: str, model: dict, layout: dict, settings: dict, root: str, save_after: int,
-             optimizer: bool = True) -> dict:
+             optimizer: bool = True, plain: bool = False) -> dict:
     """Train from the reference weights, save a universal checkpoint after ``save_after`` steps, train
-    on: the uninterrupted run's losses."""
+    on: the uninterrupted run's losses. ``plain``: save as a user would without describing the model
+    (no family, config or vocabulary size)."""
     import time
 
     from ucp_plugin.megatron.checkpoint import save_universal
-    from ucp_plugin.megatron.harness import TrainSettings, setup, stage_summary, token_batches, train_step
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
+    from ucp_plugin.testing.harness import TrainSettings, setup, stage_summary, token_batches, train_step
 
     cfg, sets = ModelConfig(**model), TrainSettings(**settings)
     run = setup(family, cfg, MegatronLayout(**layout), sets)
     tokens = token_batches(cfg, sets)
     losses = [train_step(run, t) for t in tokens[:save_after]]
     start = time.perf_counter()
+    described = {} if plain else dict(family=family, config=cfg, extra_state={"note": "test"})
     path = save_universal(run.model, run.optimizer if optimizer else None, root, f"iter_{save_after:07d}",
-                          save_after, family=family, config=cfg, extra_state={"note": "test"})
+                          save_after, **described)
     seconds = time.perf_counter() - start
     losses += [train_step(run, t) for t in tokens[save_after:]]
     return {"losses": losses, "path": path, "save_seconds": seconds, **stage_summary(run)}
 
 
 def load_run(family: str, model: dict, layout: dict, settings: dict, root: str,
-             resave_root: str | None = None, optimizer: bool = True) -> dict:
+             resave_root: str | None = None, optimizer: bool = True, plain: bool = False,
+             vocab: int | None = None) -> dict:
     """Resume the checkpoint in ``root`` at ``layout`` (the layout is validated against its manifest
     first; the model starts from its own initial weights), re-save at once to ``resave_root`` before
-    any step, train the remaining steps."""
+    any step, train the remaining steps. ``plain``: load without describing the model (only
+    ``vocab``, when given)."""
     from ucp_plugin.megatron.checkpoint import save_universal
-    from ucp_plugin.megatron.harness import TrainSettings, resume, stage_summary, token_batches, train_step
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
+    from ucp_plugin.testing.harness import TrainSettings, resume, stage_summary, token_batches, train_step
 
     cfg, sets = ModelConfig(**model), TrainSettings(**settings)
-    run, state = resume(family, cfg, MegatronLayout(**layout), sets, root, optimizer=optimizer)
+    described = ({"vocab": vocab} if vocab else {}) if plain else None
+    run, state = resume(family, cfg, MegatronLayout(**layout), sets, root, optimizer=optimizer,
+                        described=described)
     it, opt = state["iteration"], run.optimizer if optimizer else None
     resaved = save_universal(run.model, opt, resave_root, f"iter_{it:07d}", it, state["scheduler_state"],
                              state["extra_state"], family=family, config=cfg) if resave_root else None

@@ -1,5 +1,5 @@
 """Workers for test_megatron_deepspeed.py: megatron-core models trained by a DeepSpeed engine
-(``ucp_plugin.megatron.deepspeed_harness``), and megatron's own harness (``mg_workers``) for the
+(``ucp_plugin.testing.deepspeed_harness``), and megatron's own harness (``mg_workers``) for the
 cross-framework runs. Every run of one world size goes into one launch (``mg_workers.schedule``)."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import mg_workers
 
 
 def _setup(family, model, layout, settings, reference_init=True):
-    from ucp_plugin.megatron.deepspeed_harness import EngineLayout, setup_engine
-    from ucp_plugin.megatron.harness import TrainSettings, token_batches
     from ucp_plugin.models import ModelConfig
+    from ucp_plugin.testing.deepspeed_harness import EngineLayout, setup_engine
+    from ucp_plugin.testing.harness import TrainSettings, token_batches
 
     cfg, sets = ModelConfig(**model), TrainSettings(**settings)
     engine = setup_engine(family, cfg, EngineLayout(**layout), sets, reference_init=reference_init)
@@ -18,7 +18,7 @@ def _setup(family, model, layout, settings, reference_init=True):
 
 def ds_save(family: str, model: dict, layout: dict, settings: dict, root: str, save_after: int) -> dict:
     """Train from the reference weights, ``engine.save_checkpoint`` after ``save_after`` steps, train on."""
-    from ucp_plugin.megatron.deepspeed_harness import train_step
+    from ucp_plugin.testing.deepspeed_harness import train_step
 
     engine, sets, tokens = _setup(family, model, layout, settings)
     losses = [train_step(engine, t, sets) for t in tokens[:save_after]]
@@ -30,7 +30,7 @@ def ds_save(family: str, model: dict, layout: dict, settings: dict, root: str, s
 def ds_load(family: str, model: dict, layout: dict, settings: dict, root: str,
             resave_root: str | None = None) -> dict:
     """``engine.load_checkpoint`` (own initial weights first), re-save before any step, train on."""
-    from ucp_plugin.megatron.deepspeed_harness import train_step
+    from ucp_plugin.testing.deepspeed_harness import train_step
 
     engine, sets, tokens = _setup(family, model, layout, settings, reference_init=False)
     _, client = engine.load_checkpoint(root)
@@ -50,10 +50,10 @@ def ds_refused(family: str, model: dict, layout: dict, zero_stage: int, root: st
     import torch
 
     import ucp_plugin.deepspeed  # noqa: F401
-    from ucp_plugin.megatron.build import build_stage_model
-    from ucp_plugin.megatron.deepspeed_engine import MegatronMPU
-    from ucp_plugin.megatron.layout import MegatronLayout, init_parallel_state
+    from ucp_plugin.integrations.megatron_deepspeed import MegatronMPU
+    from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
+    from ucp_plugin.testing.build import build_stage_model, init_parallel_state
 
     cfg, lay = ModelConfig(**model), MegatronLayout(**layout)
     init_parallel_state(lay)

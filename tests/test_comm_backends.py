@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from ucp_plugin.launcher import run_workers
+from ucp_plugin.testing.launcher import run_workers
 from ucp_plugin.testing import nccl_rule
 
 pytestmark = pytest.mark.slow

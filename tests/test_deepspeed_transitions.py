@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from tests.ds_harness import ds_config as C
-from ucp_plugin.launcher import run_workers
 from ucp_plugin.testing import nccl_rule
+from ucp_plugin.testing.launcher import run_workers
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

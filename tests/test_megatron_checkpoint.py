@@ -65,20 +65,20 @@ class Plan:
     def __init__(self, root):
         self.root, self.runs = root, []
 
-    def save(self, family, layout, model=None, settings=None, optimizer=True, name=None) -> str:
+    def save(self, family, layout, model=None, settings=None, optimizer=True, name=None, **extra) -> str:
         rid = name or f"save:{family}:{_key(layout)}"
         if not any(r["id"] == rid for r in self.runs):
             args = dict(family=family, model=model or MODELS[family], layout=layout,
                         settings=settings or SETTINGS, root=str(self.root / rid.replace(":", "_")),
-                        save_after=SAVE_AFTER, optimizer=optimizer)
+                        save_after=SAVE_AFTER, optimizer=optimizer, **extra)
             self._add(rid, "save", layout, None, args)
         return rid
 
-    def load(self, rid, source, layout, family=None, model=None, resave=True):
+    def load(self, rid, source, layout, family=None, model=None, resave=True, **extra):
         src = next(r for r in self.runs if r["id"] == source)["args"]
         resave_root = str(self.root / rid.replace(":", "_").replace(">", "")) if resave else None
         args = dict(family=family or src["family"], model=model or src["model"], layout=layout,
-                    settings=src["settings"], root=src["root"], resave_root=resave_root)
+                    settings=src["settings"], root=src["root"], resave_root=resave_root, **extra)
         self._add(rid, "load", layout, source, args)
         return rid
 
@@ -104,6 +104,14 @@ def build_plan(root) -> Plan:
     plan.load("load:wrong-shape", gpt_tp1, {}, model=dict(MODELS["gpt"], ffn=32), resave=False)
     plan.load("load:bad-layout:tp4", f"save:llama:{_key({})}", {"tp": 4}, resave=False)
     plan.load("load:bad-layout:moe-tp2-no-sp", f"save:mixtral:{_key({})}", {"tp": 2}, resave=False)
+    # vocabulary 100 padded to 112 rows at TP1, to 128 at TP2 (divisible_by=16)
+    padded = dict(MODELS["gpt"], divisible_by=16)
+    plan.save("gpt", {}, model=padded, name="save:gpt:plain", plain=True)
+    plan.save("gpt", {}, model=padded, name="save:gpt:described")
+    plan.load("load:gpt:plain-same", "save:gpt:plain", {"dp": 2}, resave=False, plain=True)
+    plan.load("load:gpt:plain-recut-unknown", "save:gpt:plain", {"tp": 2}, resave=False, plain=True)
+    plan.load("load:gpt:plain-recut", "save:gpt:plain", {"tp": 2}, resave=False, plain=True, vocab=100)
+    plan.load("load:gpt:described-recut", "save:gpt:described", {"tp": 2}, resave=False)
     return plan
 
 
@@ -220,3 +228,26 @@ def test_refused_layouts_fail_before_building(campaign):
     assert "TP=4 does not divide its 2 groups" in tp4 and "TP in [1, 2]" in tp4
     no_sp = campaign["load:bad-layout:moe-tp2-no-sp"][0]["error"]
     assert "set sp=True" in no_sp and "TP in [1, 2]" in no_sp
+
+
+def test_padded_vocabulary_without_ceremony(campaign):
+    """``save_universal(model, optimizer, dir, tag, iteration)`` on a GPTModel whose vocabulary is padded,
+    nothing said about the model: the padded rows are saved as the vocabulary; a load at the same
+    padded size needs nothing either and resumes exactly; a load that re-cuts the padded rows asks
+    for the true size, naming both padded sizes, and with it loads the same model as a checkpoint
+    saved with the full description."""
+    plain, described = ok(campaign, "save:gpt:plain"), ok(campaign, "save:gpt:described")
+    assert plain["losses"] == described["losses"]  # the same training; only the save call differs
+    manifest = Checkpoint.open(plain["path"]).manifest
+    assert manifest.model["padded_vocab"] == 112 and manifest.family == "gpt"
+    assert manifest.atom("embedding.word_embeddings.weight").shape == (112, 32)
+    assert not any(a.name.endswith("@vocab_padding") for a in manifest.atoms)
+    same = ok(campaign, "load:gpt:plain-same")
+    assert rel(same["losses"], plain["losses"][SAVE_AFTER:]) < TOL
+    unknown = campaign["load:gpt:plain-recut-unknown"][0]["error"]
+    assert unknown.startswith("UnsupportedError: ") and "padded to 112 rows" in unknown
+    assert "pads it to 128 rows" in unknown and "vocab=N" in unknown
+    recut, reference = ok(campaign, "load:gpt:plain-recut"), ok(campaign, "load:gpt:described-recut")
+    assert recut["iteration"] == reference["iteration"] == SAVE_AFTER
+    assert rel(recut["losses"], reference["losses"]) < TOL
+

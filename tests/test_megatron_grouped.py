@@ -99,7 +99,7 @@ def test_distributed_optimizer_shards_cut_blocks(campaign):
 
 def test_cpu_gmm_is_one_matmul_per_expert_with_gradients():
     """The shim's stand-in for ``grouped_gemm.ops.gmm`` (pure function: nothing is installed)."""
-    from ucp_plugin.megatron.cpu_shim import gmm
+    from ucp_plugin.testing.cpu_shim import gmm
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(7, 3, generator=gen, requires_grad=True)

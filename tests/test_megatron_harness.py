@@ -7,10 +7,10 @@ import pytest
 
 from ucp_plugin.errors import LayoutError
 from ucp_plugin.format import MANIFEST
-from ucp_plugin.launcher import WorkerError, run_workers
-from ucp_plugin.megatron.harness import TrainSettings, rank_micro_batches, token_batches
 from ucp_plugin.megatron.layout import MegatronLayout
 from ucp_plugin.models import ModelConfig
+from ucp_plugin.testing.harness import TrainSettings, rank_micro_batches, token_batches
+from ucp_plugin.testing.launcher import WorkerError, run_workers
 
 SIZES = dict(hidden=32, heads=4, ffn=64, layers=4, vocab=100, divisible_by=32, seq_length=16)
 MODELS = {"gpt": dict(SIZES, tied=True),
@@ -28,7 +28,7 @@ def _tokens(family):
 def _train(family, layout):
     kwargs = {"family": family, "model": MODELS[family], "layout": layout, "settings": SETTINGS,
               "tokens": _tokens(family)}
-    out = run_workers(MegatronLayout(**layout).world_size, "ucp_plugin.megatron.harness:train_worker",
+    out = run_workers(MegatronLayout(**layout).world_size, "ucp_plugin.testing.harness:train_worker",
                       kwargs, timeout=600)
     assert all(o["losses"] == out[0]["losses"] for o in out), "ranks disagree on the step losses"
     return out
@@ -90,5 +90,5 @@ def test_resume_worker_refuses_a_bad_layout_before_initialising(tmp_path):
     (tmp_path / MANIFEST).write_text(manifest("gpt").to_json())
     kwargs = {"family": "gpt", "model": MODELS["gpt"], "layout": {"tp": 3}, "load_dir": str(tmp_path)}
     with pytest.raises(WorkerError, match="cannot be loaded at TP=3 PP=1 EP=1") as e:
-        run_workers(3, "ucp_plugin.megatron.harness:resume_worker", kwargs, timeout=300)
+        run_workers(3, "ucp_plugin.testing.harness:resume_worker", kwargs, timeout=300)
     assert "TP in [1, 2, 4]" in str(e.value)

@@ -28,8 +28,8 @@ import zipfile
 import pytest
 
 from ucp_plugin.errors import FormatError, UnsupportedError
-from ucp_plugin.megatron import megatron_lm
-from ucp_plugin.megatron.flags import FAMILIES, UcpOptions, add_ucp_args
+from ucp_plugin.integrations.megatron_lm import checkpointing as megatron_lm
+from ucp_plugin.integrations.megatron_lm.flags import FAMILIES, UcpOptions, add_ucp_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "patches", "apply_megatron_lm.py")
@@ -140,7 +140,7 @@ def test_patch_files_are_plain_unified_diffs(tree):
 
 def _delegation(fn: ast.FunctionDef) -> ast.Call:
     """The call the patch puts first in ``fn``:
-    ``if ...: from ucp_plugin.megatron import megatron_lm; return megatron_lm.<fn>(...)``."""
+    ``if ...: from ucp_plugin.integrations import megatron_lm; return megatron_lm.<fn>(...)``."""
     first = fn.body[1]  # body[0] is the docstring
     assert isinstance(first, ast.If) and "universal_checkpoint" in ast.unparse(first.test)
     ret = first.body[-1]
@@ -200,7 +200,7 @@ def test_refuses_a_root_without_megatron(tmp_path):
 
 
 def test_flag_families_match_the_adapter():
-    from ucp_plugin.megatron.build import FAMILIES as ADAPTER_FAMILIES
+    from ucp_plugin.models import FAMILIES as ADAPTER_FAMILIES
 
     assert FAMILIES == ADAPTER_FAMILIES
 
@@ -242,8 +242,8 @@ typing.override = getattr(typing, "override", typing_extensions.override)
 sys.path[:0] = [wheel_root, repo]
 import megatron.core, megatron.training.arguments as arguments
 from megatron.training import checkpointing
-from ucp_plugin.megatron import megatron_lm
-from ucp_plugin.megatron.flags import UcpOptions, add_ucp_args
+from ucp_plugin.integrations.megatron_lm import checkpointing as megatron_lm
+from ucp_plugin.integrations.megatron_lm.flags import UcpOptions, add_ucp_args
 assert arguments.__file__.startswith(wheel_root) and megatron.core.__file__.startswith(wheel_root)
 result = {"unpatched_here": megatron_lm.unpatched_functions(checkpointing)}
 

@@ -9,10 +9,10 @@ import pytest
 
 from ucp_plugin.errors import LayoutError, UnsupportedError
 from ucp_plugin.format import MANIFEST, Atom, Layout, Manifest, Writer
-from ucp_plugin.megatron.build import model_spec
 from ucp_plugin.megatron.layout import MegatronLayout
 from ucp_plugin.megatron.validate import valid_sizes, validate_layout
 from ucp_plugin.models import ModelConfig
+from ucp_plugin.testing.build import model_spec
 
 SIZES = dict(hidden=32, heads=4, ffn=64, layers=4, vocab=100, divisible_by=32, seq_length=16)
 MODELS = {"gpt": ModelConfig(**SIZES, tied=True),

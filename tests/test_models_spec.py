@@ -7,8 +7,8 @@ import pytest
 
 from ucp_plugin.errors import LayoutError
 from ucp_plugin.language import Blocks, Fused, Replicated, VocabPartitioned
-from ucp_plugin.launcher import run_workers
 from ucp_plugin.models import ModelConfig, gpt, llama, mixtral
+from ucp_plugin.testing.launcher import run_workers
 
 SIZES = dict(hidden=32, heads=4, ffn=64, layers=2, vocab=100, divisible_by=16, seq_length=16)
 MODELS = {

@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from ucp_plugin.launcher import WorkerError, run_workers
 from ucp_plugin.storage import Checkpoint, read_latest
 from ucp_plugin.storage.faults import POINTS
+from ucp_plugin.testing.launcher import WorkerError, run_workers
 from ucp_plugin.tools.verify import verify
 
 W = "core_workers"

@@ -9,7 +9,7 @@ import pytest
 
 from ucp_plugin.errors import LayoutError, UnsupportedError
 from ucp_plugin.plan import zero as Z
-from ucp_plugin.plan.zero import Buffer, Fragment, Placement
+from ucp_plugin.plan.zero import Buffer, Fragment, FragmentSlot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABC = [[("a", 5), ("b", 7), ("c", 3)]]
@@ -34,7 +34,8 @@ def test_zero_flat_dp3_golden_and_reverse():
     assert frags(layout, 0) == [(Fragment("a", 0, 5, 0), Fragment("b", 0, 1, 5))]
     assert frags(layout, 1) == [(Fragment("b", 1, 6, 0),)]
     assert frags(layout, 2) == [(Fragment("c", 0, 3, 0),)]
-    assert layout.locate("b") == (Placement(0, 0, Fragment("b", 0, 1, 5)), Placement(1, 0, Fragment("b", 1, 6, 0)))
+    assert layout.locate("b") == (FragmentSlot(0, 0, Fragment("b", 0, 1, 5)),
+                                  FragmentSlot(1, 0, Fragment("b", 1, 6, 0)))
     old = Z.plan_zero(ABC, 4, Z.ZERO_FLAT)
     assert [p.rank for p in old.locate("b")] == [1, 2]
 
@@ -144,7 +145,7 @@ def test_geometry_matches_deepspeed(world_size, tmp_path):
     """One launch per world size; every rank builds one engine per config (ZeRO-0/1/2/3, fp32/bf16,
     BF16_Optimizer, parameter alignment, sub-groups, two param groups, tied head)."""
     from tests.ds_workers import GEOMETRY_CONFIGS
-    from ucp_plugin.launcher import run_workers
+    from ucp_plugin.testing.launcher import run_workers
 
     env = {"PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     results = run_workers(world_size, "tests.ds_workers:geometry", {"names": list(GEOMETRY_CONFIGS)},

@@ -1,4 +1,4 @@
-"""GPT with DeepSpeed ZeRO on real text: the worker each rank runs (via ``ucp_plugin.launcher``).
+"""GPT with DeepSpeed ZeRO on real text: the worker each rank runs (via ``ucp_plugin.testing.launcher``).
 
 The only change a DeepSpeed user makes for universal checkpoints is in ``ds_config``:
 ``"checkpoint": {"universal": True}`` plus ``import ucp_plugin.deepspeed``; ``save_checkpoint`` and

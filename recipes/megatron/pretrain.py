@@ -10,7 +10,7 @@ on megatron-core, with universal checkpoints (``--universal-checkpoint``).
         --save ckpt --save-interval 10 --load ckpt --universal-checkpoint
 
 With ``--deepspeed --zero-stage N`` (Megatron-DeepSpeed's flags) the model is trained by a DeepSpeed
-engine instead of megatron's optimizer (``ucp_plugin.megatron.deepspeed_engine``: ZeRO over megatron's
+engine instead of megatron's optimizer (``ucp_plugin.integrations.megatron_deepspeed``: ZeRO over megatron's
 data-parallel group, TP x DP); its universal checkpoints are the same format, so either optimizer
 resumes the other's.
 
@@ -26,7 +26,7 @@ import os
 import torch
 
 from recipes.common import VOCAB, corpus, global_batch
-from ucp_plugin.megatron.flags import UcpOptions, add_ucp_args
+from ucp_plugin.integrations.megatron_lm.flags import UcpOptions, add_ucp_args
 
 
 def megatron_parser() -> argparse.ArgumentParser:
@@ -59,9 +59,9 @@ def megatron_parser() -> argparse.ArgumentParser:
 
 def configs(args, world_size: int):
     """Megatron flags -> (family, ModelConfig, MegatronLayout, TrainSettings)."""
-    from ucp_plugin.megatron.harness import TrainSettings
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models.config import ModelConfig
+    from ucp_plugin.testing.harness import TrainSettings
 
     family = UcpOptions.from_args(args).family
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -92,15 +92,15 @@ def _report(progress: str | None, iteration: int, loss: float) -> None:
 
 
 class MegatronTrainer:
-    """megatron's DDP + optimizer (``ucp_plugin.megatron.harness``), ucp_plugin's save/load calls."""
+    """megatron's DDP + optimizer (``ucp_plugin.testing.harness``), ucp_plugin's save/load calls."""
 
     def __init__(self, family, cfg, layout, settings):
-        from ucp_plugin.megatron.harness import setup
+        from ucp_plugin.testing.harness import setup
 
         self.family, self.cfg, self.run = family, cfg, setup(family, cfg, layout, settings)
 
     def step(self, batch) -> float:
-        from ucp_plugin.megatron.harness import train_step
+        from ucp_plugin.testing.harness import train_step
 
         return train_step(self.run, batch)
 
@@ -122,7 +122,7 @@ class DeepSpeedTrainer:
     ``save_checkpoint`` / ``load_checkpoint``, universal through its config."""
 
     def __init__(self, family, cfg, layout, settings, zero_stage: int):
-        from ucp_plugin.megatron.deepspeed_harness import EngineLayout, setup_engine
+        from ucp_plugin.testing.deepspeed_harness import EngineLayout, setup_engine
 
         if layout.pp > 1 or layout.ep > 1 or layout.sp or layout.etp is not None:
             raise SystemExit("--deepspeed runs TP x DP only: drop --pipeline-model-parallel-size, "
@@ -132,7 +132,7 @@ class DeepSpeedTrainer:
         self.settings, self.engine = settings, setup_engine(family, cfg, engine_layout, settings)
 
     def step(self, batch) -> float:
-        from ucp_plugin.megatron.deepspeed_harness import train_step
+        from ucp_plugin.testing.deepspeed_harness import train_step
 
         return train_step(self.engine, batch, self.settings)
 
@@ -148,7 +148,8 @@ def worker(argv: list[str], progress: str | None = None) -> dict:
     """One rank of a pretraining run; returns the losses of the iterations it trained."""
     import torch.distributed as dist
 
-    from ucp_plugin.megatron import cpu_shim, distopt_fixes
+    from ucp_plugin.megatron import distopt_fixes
+    from ucp_plugin.testing import cpu_shim
 
     args = megatron_parser().parse_args(argv)
     if not torch.cuda.is_available():

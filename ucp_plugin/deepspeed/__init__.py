@@ -1,12 +1,14 @@
 """Universal checkpointing for DeepSpeed: add ``"checkpoint": {"universal": true}`` to the config and
 ``import ucp_plugin.deepspeed``; ``engine.save_checkpoint`` / ``engine.load_checkpoint`` keep their API.
 
-Importing calls ``enable()``, which wraps four engine methods (``patches/deepspeed_engine_*.py``):
-``save_checkpoint`` and ``load_checkpoint``, and ``_do_sanity_check`` and ``_configure_distributed_model``
-so that ``deepspeed.initialize`` already refuses settings the adapter cannot save
-(``config.check_engine``, before and after the engine wraps the model). Engines without the config
-key keep DeepSpeed's behaviour. ``load_checkpoint`` also reads native
-DeepSpeed checkpoints (``native.py``) onto any layout.
+Importing this package patches DeepSpeed, on purpose (README, ``patches/README.md``: the config key
+plus this import is the whole opt-in a DeepSpeed user expects; a forgotten ``enable()`` would silently
+save DeepSpeed's own format). It calls ``enable()``, which wraps four engine methods
+(``patches/deepspeed_engine_*.py``): ``save_checkpoint`` and ``load_checkpoint``, and
+``_do_sanity_check`` and ``_configure_distributed_model`` so that ``deepspeed.initialize`` already
+refuses settings the adapter cannot save (``config.check_engine``, before and after the engine wraps
+the model). Engines without the config key keep DeepSpeed's behaviour; ``disable()`` removes the
+wrappers. ``load_checkpoint`` also reads native DeepSpeed checkpoints (``native.py``) onto any layout.
 """
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ def unsupported_settings(engine) -> list[str]:
     elif _model_parallel_size(engine) > 1:
         problems.append(f"model parallelism (mp size {_model_parallel_size(engine)}) with an mpu ucp_plugin "
                         "cannot map; for a megatron-core model pass "
-                        "mpu=ucp_plugin.megatron.deepspeed_engine.MegatronMPU()")
+                        "mpu=ucp_plugin.integrations.megatron_deepspeed.MegatronMPU()")
     if hasattr(engine, "autotp_size") and engine.autotp_size() > 1:
         problems.append(f'"tensor_parallel": {{"autotp_size": {engine.autotp_size()}}} (AutoTP)')
     if stage == 3 and engine.zero_hpz_partition_size() > 1:

@@ -18,7 +18,7 @@ import pickle
 import torch
 
 from ..errors import FormatError, UnsupportedError
-from ..format import Atom, dtype_name
+from ..format import Atom, dtype_name, scalar_value
 from ..plan import zero as Z
 from .params import SPLIT
 
@@ -139,7 +139,7 @@ class NativeSource:
         states = {"fp32": "float32"}
         states.update({k: dtype_name(v.dtype) for k, v in entry.items()
                        if torch.is_tensor(v) and v.dim() > 0 and v.numel() == size})
-        scalars = {k: (int(v.item()) if float(v.item()).is_integer() else float(v.item()))
+        scalars = {k: scalar_value(v.item())
                    for k, v in entry.items() if torch.is_tensor(v) and v.dim() == 0}
         return Atom(name, "param", tuple(shape), SPLIT, states, scalars)
 

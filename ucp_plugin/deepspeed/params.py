@@ -4,9 +4,9 @@ names, writes and reads atoms.
 Plain DeepSpeed (``PlainMap``): a parameter is its own atom, whole, under its module name. A
 DeepSpeed engine around a model-parallel model (a megatron-core model with an ``mpu``: the
 Megatron-DeepSpeed set-up) holds TP shards: each local parameter is a region of a global atom, with a
-global name, a split and a replica rule. A framework adapter supplies that as a *binding*
-(``register_binding``; ``ucp_plugin.megatron.deepspeed_engine`` registers megatron's), so this
-adapter never imports a model framework. Element offsets the engine hands over (``start``) are
+global name, a split and a replica rule. An integration supplies that as a *binding*
+(``register_binding``; importing ``ucp_plugin.integrations.megatron_deepspeed`` registers megatron's),
+so this adapter never imports a model framework. Element offsets the engine hands over (``start``) are
 always in the local parameter's own flat order; the map turns them into atom coordinates.
 """
 from __future__ import annotations
@@ -16,11 +16,10 @@ from typing import Protocol
 import torch
 
 from ..errors import StateMismatchError
-from ..format import Atom, Layout, Region, dtype_name
+from ..format import WEIGHT_STATE, Atom, Layout, Region, dtype_name
 from ..language import Replicated
 
 SPLIT = Replicated().to_json()  # a plain DeepSpeed parameter is never split over TP
-WEIGHT = {"param": "fp32", "frozen": "param", "buffer": "param"}
 
 
 def _some(names: list) -> str:
@@ -65,7 +64,7 @@ class ParamMap:
         return source.read(name, state, start, stop, dtype)
 
     def read_weight(self, source, name: str, start: int, stop: int, dtype) -> torch.Tensor:
-        return self.read(source, name, WEIGHT[self.atom(source, name).kind], start, stop, dtype)
+        return self.read(source, name, WEIGHT_STATE[self.atom(source, name).kind], start, stop, dtype)
 
     def check(self, source, view, strict: bool) -> None:
         """Every parameter/buffer of the model is in the checkpoint with the same shape (and, when
@@ -108,9 +107,12 @@ _BINDINGS: list[Binding] = []
 
 
 def register_binding(binding: Binding) -> None:
-    """Add ``binding`` (idempotent: one per class)."""
-    if not any(type(b) is type(binding) for b in _BINDINGS):
-        _BINDINGS.append(binding)
+    """Add ``binding``; the integration that defines it registers it when imported. A second binding
+    of the same class raises: two would claim the same engines and the first would silently win."""
+    if any(type(b) is type(binding) for b in _BINDINGS):
+        raise ValueError(f"a {type(binding).__qualname__} is already registered with the DeepSpeed adapter; "
+                         "register each binding once (at its module's import)")
+    _BINDINGS.append(binding)
 
 
 def binding_for(engine) -> Binding | None:

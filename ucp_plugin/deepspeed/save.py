@@ -16,7 +16,7 @@ import torch
 
 from ..comm import Comm
 from ..errors import UnsupportedError
-from ..format import Atom, Layout, Region, dtype_name
+from ..format import Atom, Layout, Region, dtype_name, scalar_value
 from ..plan import zero as Z
 from ..session import SaveHeader, save_universal
 from ..storage import ShardWriter
@@ -28,12 +28,6 @@ from .engine_view import EngineView, base_optimizer, fp32_buffers, inspect_engin
 SPLIT = params.SPLIT
 
 
-def share(numel: int, rank: int, dp: int) -> tuple[int, int]:
-    """The elements rank ``rank`` of ``dp`` writes of a replicated tensor (ZeRO-3's split)."""
-    ps = Z.zero3_partition_numel(numel, dp)
-    return min(rank * ps, numel), min((rank + 1) * ps, numel)
-
-
 def split_state(entry: dict, numel: int, where: str) -> tuple[dict, dict]:
     """Optimizer state of one buffer -> (tensor states of the buffer's length, scalars such as step)."""
     tensors, scalars = {}, {}
@@ -41,17 +35,13 @@ def split_state(entry: dict, numel: int, where: str) -> tuple[dict, dict]:
         if torch.is_tensor(value) and value.numel() == numel and value.dim() > 0:
             tensors[key] = value.detach().reshape(-1)
         elif torch.is_tensor(value) and value.numel() == 1:
-            scalars[key] = _number(value.item())
+            scalars[key] = scalar_value(value.item())
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            scalars[key] = _number(value)
+            scalars[key] = scalar_value(value)
         else:
             raise UnsupportedError(f"{where}: optimizer state {key!r} ({type(value).__name__}) is neither "
                                    "a per-element tensor nor a scalar; this optimizer is not supported")
     return tensors, scalars
-
-
-def _number(v):
-    return int(v) if float(v).is_integer() else float(v)
 
 
 def write_trainable(writer: ShardWriter, engine, view: EngineView) -> None:
@@ -65,7 +55,7 @@ def write_trainable(writer: ShardWriter, engine, view: EngineView) -> None:
             # stage 0 keeps frozen params in the torch optimizer; a TP replica may be another rank's
             if f.name not in trainable or not view.params.writes(f.name):
                 continue
-            lo, hi = (0, f.length) if not view.layout.replicated else share(f.length, view.rank, view.dp)
+            lo, hi = (0, f.length) if not view.layout.replicated else Z.even_share(f.length, view.rank, view.dp)
             start = f.buffer_offset + lo
             view.params.write(writer, f.name, "param", f.param_offset + lo,
                               {k: v[start:start + hi - lo] for k, v in tensors.items()}, scalars)
@@ -77,7 +67,7 @@ def write_frozen(writer: ShardWriter, engine, view: EngineView) -> None:
         if not view.params.writes(name):
             continue
         p = params[name]
-        lo, hi = share(_numel(p), view.rank, view.dp)
+        lo, hi = Z.even_share(_numel(p), view.rank, view.dp)
         local = p.ds_tensor.detach()[:max(hi - lo, 0)] if hasattr(p, "ds_tensor") \
             else p.detach().reshape(-1)[lo:max(lo, hi)]
         view.params.write(writer, name, "frozen", lo, {"param": local}, {})

@@ -4,10 +4,14 @@ A *source* offers ``path``, ``atoms`` (name -> ``format.Atom``, pieces left out)
 (flat elements of one atom state), ``common_state()`` (the ``state.py`` schema),
 ``rank_state(rank, world_size)`` (RNG, or None when it cannot apply) and ``bytes()`` (bytes requested
 by ``read`` calls at their stored size, bytes fetched from storage; None where not counted).
+Kinds of folder are registered (``register_source``): the universal format and native DeepSpeed.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from ..errors import FormatError
@@ -63,15 +67,51 @@ def checkpoint_folder(load_dir: str, tag) -> str:
     return os.path.join(str(load_dir), latest) if latest else str(load_dir)
 
 
-def open_source(load_dir: str, tag=None, verify: bool = True):
-    """A universal checkpoint if the folder has ``ucp.json``, else a native DeepSpeed checkpoint."""
-    from . import native
+@dataclass(frozen=True)
+class SourceKind:
+    """A kind of checkpoint folder ``load_checkpoint`` reads: ``claims(folder)`` says whether a folder
+    is one, ``open(folder, verify)`` returns its source; ``description`` names it in errors."""
+    name: str
+    claims: Callable[[str], bool]
+    open: Callable[[str, bool], object]
+    description: str
 
+
+_SOURCES: dict[str, SourceKind] = {}
+
+
+def register_source(kind: SourceKind) -> None:
+    """Add a checkpoint source; ``open_source`` asks each in registration order. A second kind under
+    the same name raises."""
+    if kind.name in _SOURCES:
+        raise ValueError(f"a checkpoint source named {kind.name!r} is already registered")
+    _SOURCES[kind.name] = kind
+
+
+def _native(folder: str, verify: bool):
+    from .native import NativeSource
+
+    return NativeSource(folder)
+
+
+def _is_native(folder: str) -> bool:
+    from .native import is_native
+
+    return is_native(folder)
+
+
+register_source(SourceKind("ucp", lambda folder: os.path.isfile(os.path.join(folder, MANIFEST)),
+                           lambda folder, verify: UcpSource(Checkpoint.open(folder, verify=verify)),
+                           f"a universal checkpoint ({MANIFEST})"))
+register_source(SourceKind("deepspeed.native", _is_native, _native, "a DeepSpeed one (*_model_states.pt)"))
+
+
+def open_source(load_dir: str, tag=None, verify: bool = True):
+    """The source of the first registered kind that claims the folder (a universal checkpoint if it
+    has ``ucp.json``, else a native DeepSpeed checkpoint)."""
     folder = checkpoint_folder(load_dir, tag)
-    if os.path.isfile(os.path.join(folder, MANIFEST)):
-        return UcpSource(Checkpoint.open(folder, verify=verify))
-    if native.is_native(folder):
-        return native.NativeSource(folder)
+    for kind in _SOURCES.values():
+        if kind.claims(folder):
+            return kind.open(folder, verify)
     resolve(folder)  # raises the precise reason (missing, interrupted save, empty, ...)
-    raise FormatError(f"{folder}: neither a universal checkpoint ({MANIFEST}) nor a DeepSpeed one "
-                      "(*_model_states.pt)")
+    raise FormatError(f"{folder}: neither " + " nor ".join(k.description for k in _SOURCES.values()))

@@ -14,11 +14,19 @@ FORMAT_NAME = "ucp"
 FORMAT_VERSION = "1.0"
 MANIFEST = "ucp.json"
 ATOM_KINDS = ("param", "frozen", "buffer")
+# the state holding an atom's values, by kind: a trained parameter's fp32 master, else the tensor itself
+WEIGHT_STATE = {"param": "fp32", "frozen": "param", "buffer": "param"}
 
 
 def dtype_name(dtype) -> str:
     """The manifest's name of a torch dtype ("float32", "bfloat16", "int64", ...)."""
     return str(dtype).removeprefix("torch.")
+
+
+def scalar_value(value) -> int | float:
+    """A scalar state (optimizer ``step``, a 0-d tensor's ``item()``) as the manifest stores it: an int
+    when it is integral (torch AdamW keeps ``step`` as a float tensor), else a float."""
+    return int(value) if float(value).is_integer() else float(value)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ from .splits import Split, _divisors
 
 PIPELINE = "pp"
 EXPERT = "ep"
+# the largest TP / PP / EP / ETP size a search for valid layouts tries (``ucp validate``'s nearest
+# layouts, ``megatron.validate``'s lists of valid sizes)
+MAX_PARALLEL_SIZE = 64
 # megatron-core names every routed expert's parameters under a module called "experts" (SequentialMLP
 # "mlp.experts.local_experts.K.", TEGroupedMLP / GroupedMLP "mlp.experts."); the router
 # ("mlp.router") and shared experts ("mlp.shared_experts") are dense and split over TP

@@ -1,5 +1,5 @@
-"""Megatron-core adapter. Importing this package changes nothing; ``cpu_shim.install()`` (CPU-only
-machines) and ``distopt_fixes.install()`` are always explicit calls.
+"""Megatron-core adapter. Importing this package changes nothing; ``distopt_fixes.install()`` is
+always an explicit call.
 
 - ``checkpoint``: ``save_universal`` / ``load_universal`` of megatron-core GPT models at any layout
   (``model_view``: a rank's parameters in the checkpoint language; ``optimizer_view``: where the
@@ -7,8 +7,9 @@ machines) and ``distopt_fixes.install()`` are always explicit calls.
 - ``validate``: ``validate_layout(checkpoint, layout)`` refuses a target layout the saved model cannot
   have (TP vs heads / query groups, PP vs layers, EP vs experts) from the manifest alone, before
   anything is built or read;
-- ``build`` / ``layout``: the stage model of a family and layout, megatron's process groups;
-- ``harness`` / ``reference_init``: a small training loop for tests and recipes (``resume``: validate,
-  build, load);
-- ``flags`` / ``megatron_lm``: the Megatron-LM launch flags and checkpointing glue.
+- ``layout``: ``MegatronLayout``, a parallel layout as a validated value;
+- ``distopt_fixes``: megatron-core 0.16's DistributedOptimizer with torch's AdamW (no apex/TE).
+
+Megatron-LM and Megatron-DeepSpeed glue: ``ucp_plugin.integrations``; the test/recipe harness and model
+builders: ``ucp_plugin.testing``.
 """

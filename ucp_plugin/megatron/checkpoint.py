@@ -8,7 +8,7 @@ scalar states (``step``). A TP-replicated parameter is written by TP rank 0 (all
 split's ``reduce`` is "check"/"average"); a tied output layer is not written (it is the embedding's
 atom); vocabulary padding rows are never written. A ``Blocks`` parameter (megatron's legacy
 GroupedMLP: all local experts in one tensor) is written to the atoms of its segments, each block's
-part of the range in that atom's canonical order (``plan.blocks``), and read back the same way.
+part of the range in that atom's canonical order (``plan.segments``), and read back the same way.
 Persistent module buffers (the MoE router's ``expert_bias``) are ``buffer`` atoms, written by TP
 rank 0 of DP rank 0 of each stage. Rank 0 writes the common state (iteration, scheduler, optimizer
 hyper-parameters, grad scaler, caller's extra state, the job's seed); every rank its RNG states.
@@ -42,21 +42,20 @@ import torch
 
 from ..comm import Comm
 from ..errors import StateMismatchError
-from ..format import Atom, Layout, Region, dtype_name
+from ..format import WEIGHT_STATE, Atom, Layout, Region, dtype_name
 from ..language import Replicated
 from ..models.config import ModelConfig
 from ..session import SaveHeader, save_universal as run_save
 from ..storage import Checkpoint, ShardWriter
 from . import optimizer_view as O
 from . import vocab_padding as P
-from .build import unwrap
-from .model_view import (BufferEntry, ParamEntry, buffer_entries, dp_share, layers_per_stage, param_entries,
-                         resolve_spec)
+from ..plan.zero import even_share
+from .model_view import (BufferEntry, ParamEntry, as_chunks, buffer_entries, layers_per_stage, megatron_lm_vocab,
+                         param_entries, resolve_spec, unwrap)
 from .validate import validate_layout
 
 log = logging.getLogger(__name__)
 ADAPTER, ADAPTER_VERSION = "megatron.core", "1"
-WEIGHT = {"param": "fp32", "frozen": "param"}
 _HYPER_TYPES = (int, float, bool, str, type(None))
 PAD_SPLIT = Replicated().to_json()  # a padding atom is read by explicit row ranges, never planned by split
 
@@ -68,16 +67,14 @@ class RankView:
     config: ModelConfig
     entries: tuple[ParamEntry, ...]
     layout: Layout
+    padded_vocab: int | None = None  # set when the true vocabulary size is unknown (``vocab_padding``)
     buffers: tuple[BufferEntry, ...] = ()
-
-
-def as_chunks(model) -> list:
-    return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
 def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None) -> RankView:
     from megatron.core import parallel_state as ps
 
+    known = config is not None or bool(vocab) or bool(megatron_lm_vocab()[0])
     family, config, spec = resolve_spec(chunks, family, config, vocab)
     tconfig = unwrap(chunks[0]).config
     param_dtype = dtype_name(next(unwrap(chunks[0]).parameters()).dtype)
@@ -90,7 +87,7 @@ def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None)
                     # a dense model has no expert layers, so no expert-TP size to record
                     etp=ps.get_expert_tensor_parallel_world_size() if config.experts else None)
     return RankView(family, config, tuple(param_entries(chunks, spec, config)), layout,
-                    tuple(buffer_entries(chunks, spec, config)))
+                    None if known else config.vocab, tuple(buffer_entries(chunks, spec, config)))
 
 
 # ------------------------------------------------------------------------------------------- save
@@ -111,7 +108,7 @@ def _pieces(e: ParamEntry, master: O.Master | None) -> tuple[int, int, dict, dic
     if master is not None and master.distributed:
         start, stop = master.start, master.stop
     else:
-        start, stop = dp_share(e.param.numel(), e.dp_rank, e.dp)
+        start, stop = even_share(e.param.numel(), e.dp_rank, e.dp)
     if master is None:
         flat = e.param.detach().reshape(-1)[start:stop]
         key = "fp32" if e.param.requires_grad else "param"
@@ -222,10 +219,12 @@ def rank_state() -> dict:
     return state
 
 
-def model_info(config: ModelConfig) -> dict:
-    """The manifest's ``model``: what ``validate.validate_layout`` checks a target layout against."""
-    return {"num_layers": config.layers, "num_experts": config.experts, "num_heads": config.heads,
+def model_info(config: ModelConfig, padded_vocab: int | None = None) -> dict:
+    """The manifest's ``model``: what ``validate.validate_layout`` checks a target layout against
+    (``padded_vocab``: the vocabulary atoms hold that many rows, the true size unknown)."""
+    info = {"num_layers": config.layers, "num_experts": config.experts, "num_heads": config.heads,
             "num_query_groups": config.groups, "config": asdict(config)}
+    return info if padded_vocab is None else {**info, "padded_vocab": padded_vocab}
 
 
 def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | None = None,
@@ -238,7 +237,8 @@ def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | N
     chunks, comm = as_chunks(model), Comm()
     view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
     header = SaveHeader(ADAPTER, ADAPTER_VERSION, "megatron-core", megatron.core.__version__, view.layout,
-                        family=view.family, iteration=iteration, model=model_info(view.config))
+                        family=view.family, iteration=iteration,
+                        model=model_info(view.config, view.padded_vocab))
 
     def fill(writer: ShardWriter) -> None:
         write_params(writer, view, optimizer)
@@ -263,7 +263,7 @@ def check_atoms(ck: Checkpoint, view: RankView) -> None:
                                  f"lacks, e.g. {missing[:5]}; is it the same model (family "
                                  f"{view.family!r}, {view.config})?")
     bad = [(name, list(stored[name].shape), list(shape)) for name, shape in wanted
-           if tuple(stored[name].shape) != tuple(shape)]
+           if tuple(stored[name].shape) != tuple(shape) and not P.holds_padding(ck.manifest, name, shape)]
     if bad:
         raise StateMismatchError(f"{ck.path}: shape mismatch (atom, checkpoint, this model): {bad[:5]}; "
                                  "check the ModelConfig (vocab, ffn, heads, query groups)")
@@ -318,7 +318,7 @@ def load_params(ck: Checkpoint, view: RankView, optimizer, with_opt: bool) -> No
     owned = O.masters(optimizer) if optimizer is not None else {}
     for e in view.entries:
         kind = ck.atom(e.atoms[0][0]).kind
-        weight = read_local(ck, e, WEIGHT[kind], 0, e.param.numel(), torch.float32)
+        weight = read_local(ck, e, WEIGHT_STATE[kind], 0, e.param.numel(), torch.float32)
         e.param.copy_(weight.view(e.param.shape))
         master = owned.get(e.param)
         if master is not None:
@@ -423,9 +423,11 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
     """Every rank calls this. Returns {"iteration", "scheduler_state", "extra_state"}. The optimizer
     states are loaded when ``optimizer`` is given and the checkpoint has them."""
     chunks, comm = as_chunks(model), Comm()
-    view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
     path = os.path.join(str(load_dir), tag) if tag else str(load_dir)
     ck = comm.run(lambda: Checkpoint.open(path, verify))
+    if config is None and not vocab and not megatron_lm_vocab()[0]:
+        vocab = comm.run(lambda: P.vocab_to_load(ck, unwrap(chunks[0]).vocab_size))
+    view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
     if (ck.manifest.model or {}).get("config"):  # the manifest records the model: check the layout first
         comm.run(lambda: validate_layout(ck.manifest, view.layout))
     comm.run(lambda: check_atoms(ck, view))
@@ -435,7 +437,7 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
     comm.run(lambda: load_params(ck, view, optimizer, with_opt))
     comm.run(lambda: load_buffers(ck, view, strict))
     used = comm.all_sum(_counted(view))
-    stored = sum(1 for a in ck.manifest.atoms if a.kind in WEIGHT and not a.name.endswith(P.SUFFIX))
+    stored = sum(1 for a in ck.manifest.atoms if a.kind in ("param", "frozen") and not a.name.endswith(P.SUFFIX))
     if strict and used != stored:
         raise StateMismatchError(f"{ck.path}: the checkpoint has {stored} parameters, this model uses "
                                  f"{used}; inspect both (ucp inspect) or pass strict=False")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedError
+from .optimizer_view import inner_optimizers
 
 SUPPORTED = ("0.16.",)
 _STATE: dict[str, bool] = {}
@@ -57,11 +58,6 @@ def install() -> None:
 
     cls._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
     _STATE["installed"] = True
-
-
-def inner_optimizers(optimizer) -> list:
-    """The megatron optimizers inside a (possibly chained) megatron optimizer."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def unshare_adam_step(optimizer) -> int:

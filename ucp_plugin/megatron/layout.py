@@ -1,13 +1,14 @@
 """A Megatron parallel layout (TP/PP/EP/ETP/DP/SP + optimizer kind) as a validated value, and the one
-place that initialises megatron's ``parallel_state`` from it.
+place that says whether a model fits it. (``ucp_plugin.testing.build.init_parallel_state`` initialises
+megatron's ``parallel_state`` from it for tests and recipes; Megatron-LM does that itself.)
 
 Megatron's rank order is "tp-cp-ep-dp-pp": TP is innermost, PP outermost. The expert layers re-cut the
 TP x DP ranks of a pipeline stage as ETP x EP x expert-DP: each expert is split over ETP
 (expert-tensor-parallel) ranks, the experts of a layer over EP ranks, and the rest replicate them. So
 ETP * EP must divide TP * DP (megatron: the world size must be divisible by ETP * EP * PP). ETP is
 TP by default (``etp=None``), and the rule is then: EP divides DP. (With EP = 1 and ETP != TP,
-``build.build_stage_model`` marks the expert parameters for expert-DP gradient reduction, which
-megatron-core 0.16 does only at EP > 1: ``build.mark_expert_data_parallel``.)
+``ucp_plugin.testing.build.build_stage_model`` marks the expert parameters for expert-DP gradient
+reduction, which megatron-core 0.16 does only at EP > 1: ``mark_expert_data_parallel`` there.)
 """
 from __future__ import annotations
 
@@ -90,25 +91,3 @@ class MegatronLayout:
         extra += f",first{self.first_stage_layers}" if self.first_stage_layers is not None else ""
         extra += f",last{self.last_stage_layers}" if self.last_stage_layers is not None else ""
         return f"tp{self.tp}.pp{self.pp}.dp{self.dp}.ep{self.ep}{extra}.{self.optimizer}"
-
-
-def init_parallel_state(layout: MegatronLayout) -> None:
-    """Initialise (or re-initialise) megatron's process groups for ``layout`` on an initialised
-    default process group of exactly ``layout.world_size`` ranks."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        raise LayoutError("torch.distributed is not initialised; call torch.distributed.init_process_group "
-                          "(e.g. through ucp_plugin.launcher.run_workers) first")
-    if dist.get_world_size() != layout.world_size:
-        raise LayoutError(f"layout {layout.describe()} needs {layout.world_size} ranks "
-                          f"(tp*pp*dp), the job has {dist.get_world_size()}")
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    # gloo is already the default backend here: megatron's extra gloo copies of the groups would only
-    # cost rendezvous time
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.expert_tp,
-        create_gloo_process_groups=False)

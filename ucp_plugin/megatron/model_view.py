@@ -1,12 +1,14 @@
 """What one rank holds of a Megatron model, in the checkpoint language: for each local parameter its
 global (atom) name, split, global shape and the region of the atom its local tensor is; or, for a
 parameter made of several atoms' blocks (a ``Blocks`` split: megatron's legacy GroupedMLP), the
-segments of its local tensor and the atom region each one is (``plan.blocks``).
+segments of its local tensor and the atom region each one is (``plan.segments``).
 
 The family's ``ModelSpec`` comes from a ``ModelConfig``; for a model built elsewhere (Megatron-LM)
 it is read off megatron's ``TransformerConfig`` (``infer_model_config``), except the unpadded vocabulary
 size, which megatron never sees (it builds the embedding with the padded size): it comes from the
-caller or from Megatron-LM's arguments / tokenizer.
+caller, from Megatron-LM's arguments / tokenizer, or, at load, from the checkpoint. Where none knows
+it, the padded size stands for the vocabulary (``vocab_padding``: such a checkpoint loads wherever the
+padded size is the same; a reshard to another padded size then asks for the true size).
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ import torch
 
 from ..errors import SpecError, UnsupportedError
 from ..format import Region
-from ..language import (EXPERT, Blocks, Fused, ModelSpec, Partitioned, Replicated, Split, VocabPartitioned,
-                        is_expert)
+from ..language import (EXPERT, PIPELINE, Blocks, Fused, ModelSpec, Partitioned, Replicated, Split,
+                        VocabPartitioned, is_expert)
+from ..models import family_module
 from ..models.config import ModelConfig
 from ..plan import IDENTITY, TRANSPOSED, Segment, region_for
-from .build import family_module, name_offsets, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +109,23 @@ def megatron_lm_vocab() -> tuple[int | None, int | None]:
 
 
 def infer_model_config(model, vocab: int | None = None, divisible_by: int | None = None) -> ModelConfig:
-    """The ModelConfig of a megatron GPTModel (any chunk of it)."""
+    """The ModelConfig of a megatron GPTModel (any chunk of it). Without a vocabulary size (argument or
+    Megatron-LM), the padded size is the vocabulary; without ``divisible_by``, the one that pads
+    ``vocab`` to the model's padded size at this TP (``padded // TP``: the same rows whatever the
+    model was built with)."""
+    from megatron.core import parallel_state as ps
+
     gpt = unwrap(model)
     c = gpt.config
     lm_vocab, lm_divisible = megatron_lm_vocab()
-    vocab = vocab or lm_vocab
-    if not vocab:
-        raise UnsupportedError("the unpadded vocabulary size is unknown (megatron only knows the padded "
-                               f"{gpt.vocab_size}); pass config=ModelConfig(...) or vocab=N to "
-                               "save_universal/load_universal")
+    vocab = vocab or lm_vocab or gpt.vocab_size
+    if vocab > gpt.vocab_size:
+        raise UnsupportedError(f"vocab={vocab} is more than this model's padded vocabulary "
+                               f"({gpt.vocab_size} rows); pass the true vocabulary size")
     return ModelConfig(hidden=c.hidden_size, heads=c.num_attention_heads, ffn=c.ffn_hidden_size,
                        layers=c.num_layers, vocab=vocab, query_groups=c.num_query_groups,
-                       divisible_by=divisible_by or lm_divisible or 128,
+                       divisible_by=divisible_by or lm_divisible
+                       or gpt.vocab_size // ps.get_tensor_model_parallel_world_size(),
                        tied=bool(gpt.share_embeddings_and_output_weights),
                        experts=c.num_moe_experts or 0, topk=c.moe_router_topk,
                        moe_ffn=c.moe_ffn_hidden_size if c.num_moe_experts else None,
@@ -241,12 +248,6 @@ def block_segments(name: str, split: Blocks, shape: tuple[int, ...], count: int,
     return tuple(segments)
 
 
-def dp_share(numel: int, dp_rank: int, dp: int) -> tuple[int, int]:
-    """The elements DP rank ``dp_rank`` writes of a tensor every DP rank holds (near-equal slices)."""
-    per = -(-numel // dp)
-    return min(dp_rank * per, numel), min((dp_rank + 1) * per, numel)
-
-
 def layers_per_stage(chunks: list) -> tuple[int, ...] | None:
     """Transformer layers on each pipeline stage (for the manifest)."""
     from megatron.core import parallel_state as ps
@@ -257,3 +258,29 @@ def layers_per_stage(chunks: list) -> tuple[int, ...] | None:
     if config.virtual_pipeline_model_parallel_size:
         return None  # interleaved stages: one count per stage does not describe it
     return tuple(get_num_layers_to_build(config, pp_rank=r) for r in range(pp))
+
+
+def name_offsets(model, cfg: ModelConfig) -> dict[str, int]:
+    """First global index of this rank's layers ("pp") and experts ("ep"), for ``ModelSpec.to_global``."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    # with virtual pipeline stages each model chunk knows its own vp_stage
+    offsets = {PIPELINE: get_transformer_layer_offset(model.config, getattr(model, "vp_stage", None))}
+    if cfg.experts:
+        local_experts = cfg.experts // parallel_state.get_expert_model_parallel_world_size()
+        offsets[EXPERT] = parallel_state.get_expert_model_parallel_rank() * local_experts
+    return offsets
+
+
+def as_chunks(model) -> list:
+    """The model chunks (one per virtual pipeline stage) of a model or a list of them, as
+    Megatron-LM passes them."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def unwrap(model):
+    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UnsupportedError
+from ..format import scalar_value
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Master:
 
 
 def inner_optimizers(optimizer) -> list:
+    """The megatron optimizers inside a (possibly chained) megatron optimizer."""
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
 
@@ -137,7 +139,7 @@ def _number(value) -> int | float | None:
     if torch.is_tensor(value) and value.dim() == 0:
         value = value.item()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value) if float(value).is_integer() else float(value)
+        return scalar_value(value)
     return None
 
 

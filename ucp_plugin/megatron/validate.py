@@ -18,15 +18,12 @@ import os
 
 from ..errors import LayoutError, UnsupportedError
 from ..format import MANIFEST, Layout, Manifest
-from ..language import ModelSpec
+from ..language import MAX_PARALLEL_SIZE, ModelSpec
+from ..models import family_module
 from ..models.config import ModelConfig
 from ..storage import Checkpoint, resolve
-from .build import family_module
 from .layout import MegatronLayout
 from .vocab_padding import SUFFIX
-
-MAX_TP = 64
-
 
 def read_manifest(source) -> Manifest:
     """The manifest of a checkpoint folder (or its parent with ``latest``), Checkpoint or Manifest,
@@ -68,11 +65,11 @@ def valid_sizes(spec: ModelSpec, shapes: dict) -> dict[str, list[int]]:
             return False
         return True
 
-    sizes = {"TP": [t for t in range(1, MAX_TP + 1) if ok(tp=t)],
+    sizes = {"TP": [t for t in range(1, MAX_PARALLEL_SIZE + 1) if ok(tp=t)],
              "PP": [p for p in range(1, (spec.num_layers or 1) + 1) if ok(pp=p)],
              "EP": [e for e in range(1, (spec.num_experts or 1) + 1) if ok(ep=e)]}
     if spec.num_experts:
-        sizes["ETP"] = [e for e in range(1, MAX_TP + 1) if ok(etp=e)]
+        sizes["ETP"] = [e for e in range(1, MAX_PARALLEL_SIZE + 1) if ok(etp=e)]
     return sizes
 
 

@@ -5,7 +5,7 @@ layout megatron keeps a synchronised copy named ``output_layer.weight``; it read
 from __future__ import annotations
 
 from ..language import ModelSpec
-from . import _blocks as b
+from . import _rules as rb
 from .config import Architecture, ModelConfig, resolve
 
 ARCH = Architecture(family="gpt", norm="LayerNorm", glu=False, bias=True, position="learned_absolute",
@@ -22,7 +22,7 @@ def spec(config: ModelConfig | None = None, **sizes) -> ModelSpec:
     cfg = resolve(config, sizes)
     if cfg.experts:
         raise ValueError("gpt.spec: this family has a dense MLP; for experts use ucp_plugin.models.mixtral")
-    rules = (b.embedding_rules(cfg, ARCH) + b.norm_rules(ARCH, moe=False) + b.attention_rules(cfg, ARCH)
-             + b.mlp_rules(b.LAYER + r"mlp\.", cfg.ffn, ARCH) + b.output_rules(cfg))
-    return ModelSpec(family=ARCH.family, rules=rules, placements=(b.LAYER_PLACEMENT,),
-                     num_layers=cfg.layers, attributes=b.attributes(cfg))
+    rules = (rb.embedding_rules(cfg, ARCH) + rb.norm_rules(ARCH, moe=False) + rb.attention_rules(cfg, ARCH)
+             + rb.mlp_rules(rb.LAYER + r"mlp\.", cfg.ffn, ARCH) + rb.output_rules(cfg))
+    return ModelSpec(family=ARCH.family, rules=rules, placements=(rb.LAYER_PLACEMENT,),
+                     num_layers=cfg.layers, attributes=rb.attributes(cfg))

@@ -21,7 +21,7 @@ directly, so block K is the transpose of the SequentialMLP's local ``linear_fc1.
 from __future__ import annotations
 
 from ..language import Blocks, Fused, ModelSpec, Partitioned, Replicated, Rule
-from . import _blocks as b
+from . import _rules as rb
 from .config import Architecture, ModelConfig, resolve
 
 ARCH = Architecture(family="mixtral", norm="RMSNorm", glu=True, bias=False, position="rope",
@@ -31,14 +31,14 @@ ARCH = Architecture(family="mixtral", norm="RMSNorm", glu=True, bias=False, posi
 def expert_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
     ffn = cfg.expert_ffn
     fc1, fc2 = Fused(0, (ffn, ffn)), Partitioned(1)
-    sequential = b.mlp_rules(b.LAYER + r"mlp\.experts\.local_experts\.\d+\.", ffn, ARCH)
-    te_grouped = (Rule(b.LAYER + r"mlp\.experts\.linear_fc1\.weight\d+", fc1),
-                  Rule(b.LAYER + r"mlp\.experts\.linear_fc2\.weight\d+", fc2))
-    grouped = (Rule(b.LAYER + r"mlp\.experts\.weight1",
+    sequential = rb.mlp_rules(rb.LAYER + r"mlp\.experts\.local_experts\.\d+\.", ffn, ARCH)
+    te_grouped = (Rule(rb.LAYER + r"mlp\.experts\.linear_fc1\.weight\d+", fc1),
+                  Rule(rb.LAYER + r"mlp\.experts\.linear_fc2\.weight\d+", fc2))
+    grouped = (Rule(rb.LAYER + r"mlp\.experts\.weight1",
                     Blocks("local_experts.{index}.linear_fc1.weight", fc1, shared_dim=0)),
-               Rule(b.LAYER + r"mlp\.experts\.weight2",
+               Rule(rb.LAYER + r"mlp\.experts\.weight2",
                     Blocks("local_experts.{index}.linear_fc2.weight", fc2, shared_dim=1)))
-    return (Rule(b.LAYER + r"mlp\.router\.weight", Replicated()),) + sequential + te_grouped + grouped
+    return (Rule(rb.LAYER + r"mlp\.router\.weight", Replicated()),) + sequential + te_grouped + grouped
 
 
 def spec(config: ModelConfig | None = None, **sizes) -> ModelSpec:
@@ -46,7 +46,7 @@ def spec(config: ModelConfig | None = None, **sizes) -> ModelSpec:
     if not cfg.experts:
         raise ValueError("mixtral.spec: ModelConfig.experts must be > 0 "
                          "(a dense model is ucp_plugin.models.llama)")
-    rules = (b.embedding_rules(cfg, ARCH) + b.norm_rules(ARCH, moe=True) + b.attention_rules(cfg, ARCH)
-             + expert_rules(cfg) + b.output_rules(cfg))
-    return ModelSpec(family=ARCH.family, rules=rules, placements=(b.LAYER_PLACEMENT,) + b.EXPERT_PLACEMENTS,
-                     num_layers=cfg.layers, num_experts=cfg.experts, attributes=b.attributes(cfg))
+    rules = (rb.embedding_rules(cfg, ARCH) + rb.norm_rules(ARCH, moe=True) + rb.attention_rules(cfg, ARCH)
+             + expert_rules(cfg) + rb.output_rules(cfg))
+    return ModelSpec(family=ARCH.family, rules=rules, placements=(rb.LAYER_PLACEMENT,) + rb.EXPERT_PLACEMENTS,
+                     num_layers=cfg.layers, num_experts=cfg.experts, attributes=rb.attributes(cfg))

@@ -1,5 +1,5 @@
 """The planner: pure functions mapping fragments <-> atoms <-> target ranks with exact offsets."""
-from .blocks import IDENTITY, TRANSPOSED, Rect, Segment, transposed_rects
+from .segments import IDENTITY, TRANSPOSED, Rect, Segment, transposed_rects
 from .regions import (CopyPlan, Runs, apply, atom_from_fragment, fragment_of_atom, intersect, local_numel,
                       region_for, runs)
 

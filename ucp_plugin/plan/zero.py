@@ -77,7 +77,7 @@ class Buffer:
 
 
 @dataclass(frozen=True)
-class Placement:
+class FragmentSlot:
     """Where one fragment of a parameter lives: on ``rank``, in its buffer number ``index``."""
     rank: int
     index: int
@@ -110,14 +110,14 @@ class ZeroLayout:
         return tuple(b for b in self.buffers if b.rank == rank)
 
     @functools.cached_property
-    def _by_param(self) -> dict[str, tuple[Placement, ...]]:
-        found: dict[str, list[Placement]] = {}
+    def _by_param(self) -> dict[str, tuple[FragmentSlot, ...]]:
+        found: dict[str, list[FragmentSlot]] = {}
         for b in self.buffers:
             for f in b.fragments:
-                found.setdefault(f.name, []).append(Placement(b.rank, b.index, f))
+                found.setdefault(f.name, []).append(FragmentSlot(b.rank, b.index, f))
         return {k: tuple(sorted(v, key=lambda p: (p.rank, p.fragment.param_offset))) for k, v in found.items()}
 
-    def locate(self, name: str) -> tuple[Placement, ...]:
+    def locate(self, name: str) -> tuple[FragmentSlot, ...]:
         """Every fragment of parameter ``name``, by rank then offset (replicas appear once per rank)."""
         if name not in self._by_param:
             raise LayoutError(f"parameter {name!r} is in no optimizer buffer of this {self.kind} layout; "
@@ -183,7 +183,8 @@ def _check_positive(numels: Sequence[int]) -> None:
         raise LayoutError(f"parameter sizes must be > 0, got {bad}; zero-element parameters are not optimized")
 
 
-def _cut(names: Sequence[str], numels: Sequence[int], offsets: Sequence[int], start: int, size: int):
+def _fragments_in(names: Sequence[str], numels: Sequence[int], offsets: Sequence[int], start: int,
+                  size: int):
     """Fragments of the params laid at ``offsets`` that fall in the flat window [start, start+size)."""
     out = []
     for name, n, off in zip(names, numels, offsets):
@@ -204,13 +205,20 @@ def _flat_buffers(groups: Sequence[Group], dp: int, alignment: int, partitioned:
         for rank in range(dp):
             start = rank * fg.partition_size if partitioned else 0
             buffers.append(Buffer(rank, g, g, fg.partition_size,
-                                  _cut(names, numels, fg.offsets, start, fg.partition_size)))
+                                  _fragments_in(names, numels, fg.offsets, start, fg.partition_size)))
     return buffers
 
 
 def zero3_partition_numel(numel: int, dp: int) -> int:
     """``ds_tensor`` length: ceil(numel / dp) (partition_parameters.py:1690-1697, 1816-1817)."""
     return -(-numel // dp)
+
+
+def even_share(numel: int, rank: int, parts: int) -> tuple[int, int]:
+    """Elements [lo, hi) of a ``numel``-element tensor that ``rank`` of ``parts`` holds when ZeRO-3
+    partitions it; also the near-equal slice each of ``parts`` replicas writes once."""
+    per = zero3_partition_numel(numel, parts)
+    return min(rank * per, numel), min((rank + 1) * per, numel)
 
 
 def zero3_sub_groups(numels: Sequence[int], dp: int, sub_group_size: int = DEFAULT_SUB_GROUP_SIZE) -> list[range]:

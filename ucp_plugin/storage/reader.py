@@ -97,7 +97,7 @@ class Checkpoint:
     def read_fragment(self, name: str, state: str, region: Region, start: int, stop: int,
                       dtype: torch.dtype = torch.float32, order: str = IDENTITY) -> torch.Tensor:
         """Local elements ``[start, stop)`` of ``region`` of atom ``name``'s ``state``, the local
-        tensor taken in ``order`` (``plan.blocks``: "transposed" for a GroupedMLP block). Padding
+        tensor taken in ``order`` (``plan.segments``: "transposed" for a GroupedMLP block). Padding
         elements (vocabulary padding) are zero."""
         if order == TRANSPOSED:
             return self._read_transposed(name, state, region, start, stop, dtype)

@@ -107,8 +107,8 @@ def ds_case(source: int, target: int, backend: str, root: str) -> str:
 def _mg_run(cfg, settings, seed: int, device: str):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from ucp_plugin.megatron.build import build_stage_model
-    from ucp_plugin.megatron.harness import Run, wrap
+    from ucp_plugin.testing.build import build_stage_model
+    from ucp_plugin.testing.harness import Run, wrap
     from ucp_plugin.megatron.layout import MegatronLayout
 
     layout = MegatronLayout()
@@ -122,7 +122,7 @@ def _mg_run(cfg, settings, seed: int, device: str):
 def _mg_step(run, tokens, device: str) -> float:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from ucp_plugin.megatron.harness import forward_step, rank_micro_batches
+    from ucp_plugin.testing.harness import forward_step, rank_micro_batches
 
     micro = [{k: v.to(device) for k, v in mb.items()} for mb in rank_micro_batches(tokens, run.settings, 0, 1)]
     run.model.zero_grad_buffer()
@@ -147,8 +147,9 @@ def megatron_case(backend: str, root: str, device: str) -> str:
 
     from ucp_plugin.megatron import distopt_fixes
     from ucp_plugin.megatron.checkpoint import load_universal, save_universal
-    from ucp_plugin.megatron.harness import TrainSettings, token_batches
-    from ucp_plugin.megatron.layout import MegatronLayout, init_parallel_state
+    from ucp_plugin.megatron.layout import MegatronLayout
+    from ucp_plugin.testing.build import init_parallel_state
+    from ucp_plugin.testing.harness import TrainSettings, token_batches
     from ucp_plugin.models import ModelConfig
 
     dist.init_process_group(backend)
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     backend = _env(args.cpu_dry_run)
     if args.cpu_dry_run and args.case.startswith("megatron"):
-        importlib.import_module("ucp_plugin.megatron.cpu_shim").install()
+        importlib.import_module("ucp_plugin.testing.cpu_shim").install()
     start = time.perf_counter()
     try:
         line = CASES[args.case](backend, args.dir or tempfile.mkdtemp(prefix="ucp-gpu-check-"),

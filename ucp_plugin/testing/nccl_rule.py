@@ -26,10 +26,8 @@ NCCL_ERROR = "No backend type associated with device type cpu"
 # ``op in (dist.isend, dist.irecv)`` by identity, and the plugin sends nothing point to point
 COLLECTIVES = ("broadcast", "all_reduce", "reduce", "all_gather", "all_gather_into_tensor", "gather", "scatter",
                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single")
-# modules of ucp_plugin that are scaffolding standing in for the frameworks, not product code
-SCAFFOLDING = ("ucp_plugin.testing", "ucp_plugin.launcher", "ucp_plugin.megatron.cpu_shim",
-               "ucp_plugin.megatron.harness", "ucp_plugin.megatron.deepspeed_harness",
-               "ucp_plugin.megatron.reference_init")
+# the scaffolding (harnesses, CPU shim, launcher) stands in for the frameworks: not product code
+SCAFFOLDING = ("ucp_plugin.testing",)
 _installed = False
 
 

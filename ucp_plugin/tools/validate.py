@@ -9,10 +9,8 @@ from itertools import product
 
 from ..errors import LayoutError
 from ..format import Manifest
-from ..language import check_expert_grid, check_experts, check_pipeline, check_split, split_from_json
+from ..language import MAX_PARALLEL_SIZE, check_expert_grid, check_experts, check_pipeline, check_split, split_from_json
 from ..storage import Checkpoint
-
-MAX_SIZE = 16  # the nearest-layout search tries every TP, PP, EP (and ETP) up to this
 
 
 @dataclass(frozen=True)
@@ -74,8 +72,8 @@ def _name(tp: int, pp: int, dp: int, ep: int, etp: int | None) -> str:
 def _nearest(m: Manifest, tp: int, pp: int, dp: int, ep: int, etp: int | None, zero_stage) -> tuple[str, ...]:
     """Up to 5 valid layouts of the same world size, fewest changes first: TP/PP/EP varied with the
     given ETP, and, when an ETP is given, ETP varied at the given TP/PP/EP."""
-    world, sizes = tp * pp * dp, range(1, MAX_SIZE + 1)
-    candidates = [(t, p, e, etp) for t, p, e in product(sizes, sizes, sizes)]
+    world, sizes = tp * pp * dp, range(1, MAX_PARALLEL_SIZE + 1)
+    candidates = [(t, p, e, etp) for t, p in product(sizes, sizes) if world % (t * p) == 0 for e in sizes]
     if etp is not None:
         candidates += [(tp, pp, ep, x) for x in sizes if x != etp]
     found = []

@@ -30,15 +30,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..deepspeed.params import ParamMap, register_binding
-from ..errors import StateMismatchError, UnsupportedError
-from ..format import Layout
-from ..models.config import ModelConfig
-from .build import unwrap
-from .checkpoint import RankView, check_atoms, model_info, read_local, write_entry, writes
-from .model_view import layers_per_stage, param_entries, resolve_spec
-from .validate import validate_layout
-from .vocab_padding import SUFFIX as PADDING_SUFFIX
+from ...deepspeed.params import ParamMap, register_binding
+from ...errors import StateMismatchError, UnsupportedError
+from ...format import Layout
+from ...megatron.checkpoint import RankView, check_atoms, model_info, read_local, write_entry, writes
+from ...megatron.model_view import layers_per_stage, megatron_lm_vocab, param_entries, resolve_spec, unwrap
+from ...megatron.validate import validate_layout
+from ...megatron.vocab_padding import SUFFIX as PADDING_SUFFIX
+from ...models.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -102,6 +101,8 @@ class MegatronParamMap(ParamMap):
 
         chunks = [engine.module]
         self.family, self.config, spec = resolve_spec(chunks, mpu.family, mpu.config, mpu.vocab)
+        known = mpu.config is not None or bool(mpu.vocab) or bool(megatron_lm_vocab()[0])
+        self.padded_vocab = None if known else self.config.vocab  # only the padded size known
         names = engine.param_names
         self.entries = {names[e.param]: e for e in param_entries(chunks, spec, self.config)}
         self.tp, self.stages = ps.get_tensor_model_parallel_world_size(), layers_per_stage(chunks)
@@ -110,7 +111,7 @@ class MegatronParamMap(ParamMap):
         return replace(base, tp=self.tp, layers_per_stage=self.stages)
 
     def model_info(self) -> dict:
-        return model_info(self.config)
+        return model_info(self.config, self.padded_vocab)
 
     def writes(self, name: str) -> bool:
         return writes(self.entries[name]) is not None

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..integrations.megatron_deepspeed import MegatronMPU
+from ..megatron.layout import MegatronLayout
 from ..models.config import ModelConfig
-from .build import build_stage_model, model_spec
-from .deepspeed_engine import MegatronMPU
+from .build import build_stage_model, init_parallel_state, model_spec
 from .harness import TrainSettings, global_mean_loss, rank_micro_batches, reference_state
-from .layout import MegatronLayout, init_parallel_state
 from .reference_init import copy_reference_shards
 
 

@@ -74,7 +74,7 @@ class Rect:
     stride: int
 
 
-def _cut(lo: int, hi: int, intervals) -> list[tuple[int, int, int]]:
+def _spans(lo: int, hi: int, intervals) -> list[tuple[int, int, int]]:
     """Local indices [lo, hi) along a split dim -> (atom start, atom stop, local start) per interval."""
     out, base = [], 0
     for s, e in intervals:
@@ -116,8 +116,8 @@ def transposed_rects(region: Region, shape: tuple[int, ...], start: int, stop: i
     if stop <= start:
         return rects
     for i0, i1, j0, j1 in _local_rects(a, start, stop):
-        for c0, c1, lj in _cut(j0, j1, col_iv):
-            for r0, r1, li in _cut(i0, i1, row_iv):
+        for c0, c1, lj in _spans(j0, j1, col_iv):
+            for r0, r1, li in _spans(i0, i1, row_iv):
                 if c0 == 0 and c1 == shape[1]:
                     reg, lo = Region(0, ((r0, r1),)), 0
                 else:

@@ -15,10 +15,14 @@ The parsed namespace stops at ``UcpOptions.from_args``: nothing past this module
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 from dataclasses import dataclass
 
-# The model families ``ucp_plugin.models`` declares (``ucp_plugin.megatron.build.FAMILIES``).
-FAMILIES = ("gpt", "llama", "mixtral")
+from ...errors import UnsupportedError
+from ...models import FAMILIES
+
+PATCH_MARK = "from ucp_plugin.integrations import megatron_lm"  # in the patched functions' source
 
 
 def add_ucp_args(parser: argparse.ArgumentParser, check_patched: bool = True) -> argparse.ArgumentParser:
@@ -37,23 +41,21 @@ def add_ucp_args(parser: argparse.ArgumentParser, check_patched: bool = True) ->
              "(default: on; --no-universal-load-verify skips it).")
     group.add_argument(
         "--universal-model-family", choices=FAMILIES, default=None,
-        help="The parameter patterns to save with. Default: inferred from the model flags "
+        help="The parameter patterns to save with (a registered family: ucp_plugin.models.FAMILIES). "
+             "Default: inferred from the model flags "
              "(--num-experts: mixtral; --swiglu: llama; otherwise gpt).")
     return parser
 
 
 class _UniversalCheckpointFlag(argparse.Action):
     """``store_true`` that first checks the importable Megatron-LM is patched: unpatched, the flag
-    would silently change nothing (``megatron_lm.require_patched``)."""
+    would silently change nothing (``require_patched``)."""
 
     def __init__(self, option_strings, dest, default=False, required=False, help=None):
         super().__init__(option_strings, dest, nargs=0, default=default, required=required,
                          help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from ..errors import UnsupportedError
-        from .megatron_lm import require_patched
-
         try:
             require_patched()
         except UnsupportedError as e:
@@ -79,7 +81,7 @@ class UcpOptions:
         ``num_experts`` / ``swiglu``) from a parsed namespace."""
         if not hasattr(args, "universal_checkpoint"):
             raise ValueError("the Megatron-LM arguments have no 'universal_checkpoint': pass "
-                             "extra_args_provider=ucp_plugin.megatron.flags.add_ucp_args to "
+                             "extra_args_provider=ucp_plugin.integrations.megatron_lm.flags.add_ucp_args to "
                              "parse_args / parse_and_validate_args / pretrain")
         family = getattr(args, "universal_model_family", None) or infer_family(args)
         return cls(enabled=bool(args.universal_checkpoint),
@@ -95,3 +97,32 @@ def infer_family(args: argparse.Namespace) -> str:
     if getattr(args, "swiglu", False):
         return "llama"
     return "gpt"
+
+
+def unpatched_functions(module) -> list[str]:
+    """Which of ``module``'s ``save_checkpoint`` / ``load_checkpoint`` do not delegate here."""
+    missing = []
+    for name in ("save_checkpoint", "load_checkpoint"):
+        try:
+            source = inspect.getsource(getattr(module, name))
+        except (AttributeError, TypeError, OSError):
+            source = ""
+        if PATCH_MARK not in source:
+            missing.append(name)
+    return missing
+
+
+def require_patched() -> None:
+    """Raise if the importable Megatron-LM's checkpointing is not patched: ``--universal-checkpoint``
+    would then be ignored and checkpoints silently saved in Megatron-LM's own format. Without an
+    importable ``megatron.training`` there is nothing to check."""
+    try:
+        from megatron.training import checkpointing
+    except ImportError:
+        return
+    missing = unpatched_functions(checkpointing)
+    if missing:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(checkpointing.__file__)))
+        raise UnsupportedError(f"{checkpointing.__file__}: {' and '.join(missing)} not patched, so "
+                               "--universal-checkpoint would be ignored; run: python "
+                               f"patches/apply_megatron_lm.py {root}")

@@ -1,5 +1,5 @@
-"""Rule builders shared by the families: the names megatron-core's ``GPTModel`` gives its parameters
-(global names, i.e. as on a single rank) and how tensor parallelism splits each.
+"""Rule builders shared by the families (imported as ``rb``): the names megatron-core's ``GPTModel``
+gives its parameters (global names, i.e. as on a single rank) and how tensor parallelism splits each.
 
 Both the local (``get_gpt_layer_local_spec``) and the Transformer-Engine names are declared. TE fuses
 the pre-attention / pre-MLP norm into the following linear (``linear_qkv.layer_norm_weight``,

@@ -77,7 +77,7 @@ def installed() -> bool:
 
 def _check_environment(allow_untested_megatron: bool) -> None:
     if torch.cuda.is_available():
-        raise UnsupportedError("ucp_plugin.megatron.cpu_shim.install() refuses to run where torch sees a "
+        raise UnsupportedError("ucp_plugin.testing.cpu_shim.install() refuses to run where torch sees a "
                                "GPU: the shim redirects every CUDA allocation to the CPU. Do not call it "
                                "in GPU jobs.")
     import megatron.core

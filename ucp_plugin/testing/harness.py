@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import LayoutError
+from ..megatron.layout import MegatronLayout
+from ..megatron.validate import validate_layout
 from ..models.config import ModelConfig
-from .build import build_stage_model, global_named_parameters, model_spec
-from .layout import MegatronLayout, init_parallel_state
+from .build import build_stage_model, global_named_parameters, init_parallel_state, model_spec
 from .reference_init import copy_reference_shards, full_reference_state
-from .validate import validate_layout
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def apply_weight_decay_multipliers(optimizer, weight_decay: float) -> None:
     megatron builds the groups with ``wd_mult`` but leaves ``weight_decay`` at the configured value in
     all of them; Megatron-LM's ``OptimizerParamScheduler`` applies the multiplier at every step. This
     harness has no scheduler (constant LR), so it applies it once, as that scheduler would."""
-    from .optimizer_view import inner_optimizers
+    from ..megatron.optimizer_view import inner_optimizers
 
     for opt in inner_optimizers(optimizer):
         for group in opt.optimizer.param_groups:
@@ -216,23 +216,27 @@ def stage_summary(run: Run) -> dict:
 
 
 def resume(family: str, cfg: ModelConfig, layout: MegatronLayout, settings: TrainSettings, load_dir: str,
-           overrides: dict | None = None, optimizer: bool = True) -> tuple[Run, dict]:
+           overrides: dict | None = None, optimizer: bool = True, described: dict | None = None
+           ) -> tuple[Run, dict]:
     """Check ``layout`` against the checkpoint in ``load_dir`` (its manifest only: nothing is built or
     read before), build this rank's stage with its own initial weights and load the checkpoint
-    (``optimizer=False``: the weights only). Returns the run and ``load_universal``'s state."""
-    from .checkpoint import load_universal
+    (``optimizer=False``: the weights only). ``described``: what ``load_universal`` is told about the
+    model (default: family and config). Returns the run and ``load_universal``'s state."""
+    from ..megatron.checkpoint import load_universal
 
     validate_layout(load_dir, layout)
     run = setup(family, cfg, layout, settings, reference_init=False, overrides=overrides)
     opt = run.optimizer if optimizer else None
-    return run, load_universal(run.model, opt, load_dir, family=family, config=cfg)
+    described = dict(family=family, config=cfg) if described is None else described
+    return run, load_universal(run.model, opt, load_dir, **described)
 
 
 def init_process() -> None:
     """The per-process set-up of a worker: CPU shim, DistributedOptimizer fixes, gloo."""
     import torch.distributed as dist
 
-    from . import cpu_shim, distopt_fixes
+    from ..megatron import distopt_fixes
+    from . import cpu_shim
 
     cpu_shim.install()
     distopt_fixes.install()

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from .errors import UCPError
+from ..errors import UCPError
 
 
 class WorkerError(UCPError):
@@ -62,7 +62,7 @@ def run_workers(world_size: int, target: str, kwargs: dict | None = None, *, tim
     for rank in range(world_size):
         out = os.path.join(log_dir, f"rank{rank}.json")
         err = open(os.path.join(log_dir, f"rank{rank}.log"), "w")
-        cmd = [sys.executable, "-m", "ucp_plugin.launcher", spec, out]
+        cmd = [sys.executable, "-m", "ucp_plugin.testing.launcher", spec, out]
         procs.append((subprocess.Popen(cmd, env=_worker_env(rank, world_size, port, env),
                                        stdout=err, stderr=subprocess.STDOUT), err, out))
     _wait_all(procs, timeout, log_dir)
@@ -100,7 +100,7 @@ def _wait_all(procs, timeout: float, log_dir: str) -> None:
 def _main(spec_json: str, out_path: str) -> None:
     import importlib
 
-    from .testing import nccl_rule
+    from . import nccl_rule
 
     nccl_rule.install_from_env()  # tests run the plugin's collectives under NCCL's device rule
     spec = json.loads(spec_json)

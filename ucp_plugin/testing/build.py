@@ -2,39 +2,25 @@
 (``ucp_plugin.models.<family>``: its ``ARCH`` and ``spec``) and a ``ModelConfig``, with the local
 (non-Transformer-Engine) layer spec; and name a rank's parameters globally.
 
-Needs megatron's ``parallel_state`` initialised for the layout (``layout.init_parallel_state``). On a
+Needs megatron's ``parallel_state`` initialised for the layout (``init_parallel_state`` below). On a
 CPU-only machine install ``cpu_shim`` first.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import replace
-from types import ModuleType
 
 import torch
 
-from ..language import EXPERT, PIPELINE, ModelSpec, is_expert
+from ..errors import LayoutError
+from ..language import ModelSpec, VocabPartitioned, is_expert
+from ..megatron.layout import MegatronLayout
+from ..megatron.model_view import name_offsets, unwrap
+from ..models import family_module
 from ..models.config import Architecture, ModelConfig
-from .layout import MegatronLayout
-
-FAMILIES = ("gpt", "llama", "mixtral")
-
-
-def family_module(family: str) -> ModuleType:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {FAMILIES}")
-    return importlib.import_module(f"ucp_plugin.models.{family}")
 
 
 def model_spec(family: str, cfg: ModelConfig) -> ModelSpec:
     return family_module(family).spec(cfg)
-
-
-def padded_vocab(cfg: ModelConfig, tp: int) -> int:
-    """Megatron pads the vocabulary to a multiple of ``divisible_by * TP`` (the extra rows exist
-    in the embedding and output layer of that layout only)."""
-    multiple = cfg.divisible_by * tp
-    return -(-cfg.vocab // multiple) * multiple
 
 
 def transformer_config(arch: Architecture, cfg: ModelConfig, layout: MegatronLayout, **overrides):
@@ -105,7 +91,7 @@ def build_stage_model(family: str, cfg: ModelConfig, layout: MegatronLayout, **c
     layout.check_model(cfg.layers, cfg.experts)
     config = transformer_config(arch, cfg, layout, **config_overrides)
     model = GPTModel(config=config, transformer_layer_spec=layer_spec(arch, cfg, config),
-                     vocab_size=padded_vocab(cfg, layout.tp), max_sequence_length=cfg.seq_length,
+                     vocab_size=VocabPartitioned(0, cfg.divisible_by).padded_size(cfg.vocab, layout.tp), max_sequence_length=cfg.seq_length,
                      pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage(),
                      share_embeddings_and_output_weights=cfg.tied, position_embedding_type=arch.position)
@@ -133,27 +119,29 @@ def mark_expert_data_parallel(model) -> int:
     return count
 
 
-def name_offsets(model, cfg: ModelConfig) -> dict[str, int]:
-    """First global index of this rank's layers ("pp") and experts ("ep"), for ``ModelSpec.to_global``."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    # with virtual pipeline stages each model chunk knows its own vp_stage
-    offsets = {PIPELINE: get_transformer_layer_offset(model.config, getattr(model, "vp_stage", None))}
-    if cfg.experts:
-        local_experts = cfg.experts // parallel_state.get_expert_model_parallel_world_size()
-        offsets[EXPERT] = parallel_state.get_expert_model_parallel_rank() * local_experts
-    return offsets
-
-
 def global_named_parameters(model, spec: ModelSpec, cfg: ModelConfig):
     """(global name, parameter) for this rank's parameters."""
     offsets = name_offsets(unwrap(model), cfg)
     return [(spec.to_global(name, offsets), param) for name, param in unwrap(model).named_parameters()]
 
 
-def unwrap(model):
-    """The GPTModel inside megatron's DDP / Float16Module wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
+def init_parallel_state(layout: MegatronLayout) -> None:
+    """Initialise (or re-initialise) megatron's process groups for ``layout`` on an initialised
+    default process group of exactly ``layout.world_size`` ranks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        raise LayoutError("torch.distributed is not initialised; call torch.distributed.init_process_group "
+                          "(e.g. through ucp_plugin.testing.launcher.run_workers) first")
+    if dist.get_world_size() != layout.world_size:
+        raise LayoutError(f"layout {layout.describe()} needs {layout.world_size} ranks "
+                          f"(tp*pp*dp), the job has {dist.get_world_size()}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    # gloo is already the default backend here: megatron's extra gloo copies of the groups would only
+    # cost rendezvous time
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.expert_tp,
+        create_gloo_process_groups=False)

@@ -18,20 +18,18 @@ Non-persistent checkpoints and the FSDP2 in-place load are refused (``Unsupporte
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from typing import Any
 
-from ..errors import FormatError, UnsupportedError
-from ..format import MANIFEST
-from ..storage import read_latest
-from .flags import UcpOptions
+from ...errors import FormatError, UnsupportedError
+from ...format import MANIFEST
+from ...storage import read_latest
+from .flags import UcpOptions, require_patched, unpatched_functions  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 NATIVE_TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's own "latest" file
-PATCH_MARK = "from ucp_plugin.megatron import megatron_lm"  # in the patched functions' source
 PROGRESS_KEYS = ("consumed_train_samples", "skipped_train_samples", "consumed_valid_samples")
 
 
@@ -53,9 +51,9 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler,
     save_dir = _required(args, "save")
     if getattr(args, "async_save", False):
         log.warning("--async-save: universal checkpoints are saved synchronously")
-    from .checkpoint import save_universal
+    from ...megatron.checkpoint import save_universal
 
-    save_universal(model_chunks(model), None if getattr(args, "no_save_optim", False) else optimizer,
+    save_universal(model, None if getattr(args, "no_save_optim", False) else optimizer,
                    save_dir, checkpoint_tag(iteration, release), iteration,
                    None if opt_param_scheduler is None else opt_param_scheduler.state_dict(),
                    progress_state(args, num_floating_point_operations_so_far),
@@ -82,9 +80,9 @@ def load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg='load', 
         return 0, 0
     finetune = bool(getattr(args, "finetune", False))
     with_optim = optimizer is not None and not finetune and not getattr(args, "no_load_optim", False)
-    from .checkpoint import load_universal
+    from ...megatron.checkpoint import load_universal
 
-    state = load_universal(model_chunks(ddp_model), optimizer if with_optim else None, load_dir,
+    state = load_universal(ddp_model, optimizer if with_optim else None, load_dir,
                            tag=_step_tag(args), verify=opts.load_verify)
     if with_optim and opt_param_scheduler is not None and state.get("scheduler_state") is not None:
         opt_param_scheduler.load_state_dict(state["scheduler_state"])
@@ -98,35 +96,6 @@ def load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg='load', 
     return iteration, extra.get("num_floating_point_operations_so_far", 0)
 
 
-def unpatched_functions(module) -> list[str]:
-    """Which of ``module``'s ``save_checkpoint`` / ``load_checkpoint`` do not delegate here."""
-    missing = []
-    for name in ("save_checkpoint", "load_checkpoint"):
-        try:
-            source = inspect.getsource(getattr(module, name))
-        except (AttributeError, TypeError, OSError):
-            source = ""
-        if PATCH_MARK not in source:
-            missing.append(name)
-    return missing
-
-
-def require_patched() -> None:
-    """Raise if the importable Megatron-LM's checkpointing is not patched: ``--universal-checkpoint``
-    would then be ignored and checkpoints silently saved in Megatron-LM's own format. Without an
-    importable ``megatron.training`` there is nothing to check."""
-    try:
-        from megatron.training import checkpointing
-    except ImportError:
-        return
-    missing = unpatched_functions(checkpointing)
-    if missing:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(checkpointing.__file__)))
-        raise UnsupportedError(f"{checkpointing.__file__}: {' and '.join(missing)} not patched, so "
-                               "--universal-checkpoint would be ignored; run: python "
-                               f"patches/apply_megatron_lm.py {root}")
-
-
 def megatron_args():
     """Megatron-LM's global arguments (``megatron.training.get_args``)."""
     from megatron.training.global_vars import get_args
@@ -134,9 +103,6 @@ def megatron_args():
     return get_args()
 
 
-def model_chunks(model) -> list:
-    """Megatron-LM passes the model as a list of (wrapped) chunks, one per virtual pipeline stage."""
-    return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
 def checkpoint_tag(iteration: int, release: bool = False) -> str:

@@ -23,9 +23,9 @@ import torch
 
 from ..errors import StateMismatchError
 from ..language import ModelSpec, is_expert
+from ..megatron.layout import MegatronLayout
 from ..models.config import ModelConfig
-from .build import build_stage_model, global_named_parameters
-from .layout import MegatronLayout, init_parallel_state
+from .build import build_stage_model, global_named_parameters, init_parallel_state
 
 
 def full_reference_state(family: str, cfg: ModelConfig, seed: int, **overrides) -> dict[str, torch.Tensor]:
