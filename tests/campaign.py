@@ -9,6 +9,7 @@ import torch
 
 from mg_workers import schedule
 from ucp_plugin.storage import Checkpoint
+from ucp_plugin.testing import nccl_rule
 from ucp_plugin.testing.launcher import run_workers
 
 
@@ -16,7 +17,8 @@ def run_campaign(runs: list[dict], target: str = "mg_workers:run_plan", env: dic
                  timeout: float = 1200) -> dict:
     """{run id: [per-rank result]} of every run, each world size's ready runs in one launch."""
     here = os.path.dirname(__file__)
-    env = {"PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    # the plugin's collectives run under NCCL's device rule, as on a GPU job's default group
+    env = {"PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", ""), nccl_rule.ENV: "1", **(env or {})}
     results = {}
     for world, batch in schedule(runs):
         start = time.perf_counter()

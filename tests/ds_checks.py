@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from ucp_plugin.testing import nccl_rule
 from ucp_plugin.testing.launcher import run_workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def launch(world: int, runs: list[dict], log_dir) -> list[list[dict]]:
     """``ds_harness.train_many`` over ``world`` ranks; per run, every rank's result."""
-    env = {"PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {"PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
+           nccl_rule.ENV: "1"}  # the plugin's collectives as on an NCCL default group
     ranks = run_workers(world, "tests.ds_harness:train_many", {"runs": runs}, timeout=900, env=env,
                         log_dir=str(log_dir))
     return [list(per_run) for per_run in zip(*ranks)]

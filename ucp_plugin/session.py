@@ -18,7 +18,7 @@ from . import __version__
 from . import async_save
 from .comm import Comm
 from .format import Layout, Manifest, Writer
-from .storage import ShardWriter, commit, prepare_staging, staging_name
+from .storage import ShardWriter, commit, faults, prepare_staging, staging_name
 from .storage.snapshot import Snapshot
 
 LOCK = ".ucp.lock"
@@ -55,6 +55,16 @@ def save_lock(root: str):
         os.close(fd)
 
 
+def _prepare(root: str, name: str, rank: int) -> str:
+    try:
+        faults.point("staging", rank)
+        os.makedirs(root, exist_ok=True)
+        return prepare_staging(root, name)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the save folder {root!r} ({e.strerror}); save to a "
+                               "writable path with free space") from e
+
+
 def save_universal(comm: Comm, root: str, tag: str, header: SaveHeader,
                    fill: Callable[[ShardWriter], None], update_latest: bool = True, *,
                    asynchronous: bool = False, on_busy: str = async_save.WAIT) -> str:
@@ -62,10 +72,10 @@ def save_universal(comm: Comm, root: str, tag: str, header: SaveHeader,
     (with ``asynchronous=True`` it exists once the save is committed: ``async_save``). A save still in
     flight is finalized first, or refused (``on_busy``)."""
     async_save.make_room(on_busy)
-    if comm.rank == 0:
-        os.makedirs(root, exist_ok=True)
     name = comm.broadcast_str(staging_name(tag))
-    staging = comm.run(lambda: prepare_staging(root, name))
+    # every rank creates the folders inside the agreement: a read-only or full path is one clear
+    # error on every rank, not rank 0 failing alone while the others wait in the next collective
+    staging = comm.run(lambda: _prepare(root, name, comm.rank))
 
     def publish() -> str | None:
         if comm.rank != 0:

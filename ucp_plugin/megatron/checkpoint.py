@@ -9,8 +9,21 @@ split's ``reduce`` is "check"/"average"); a tied output layer is not written (it
 atom); vocabulary padding rows are never written. A ``Blocks`` parameter (megatron's legacy
 GroupedMLP: all local experts in one tensor) is written to the atoms of its segments, each block's
 part of the range in that atom's canonical order (``plan.segments``), and read back the same way.
-Rank 0 writes the common state (iteration, scheduler, optimizer hyper-parameters, grad scaler,
-caller's extra state); every rank its RNG.
+Persistent module buffers (the MoE router's ``expert_bias``) are ``buffer`` atoms, written by TP
+rank 0 of DP rank 0 of each stage. Rank 0 writes the common state (iteration, scheduler, optimizer
+hyper-parameters, grad scaler, caller's extra state, the job's seed); every rank its RNG states.
+
+RNG. Each rank saves its Python, NumPy, torch CPU and CUDA generators (every visible device) and
+megatron's ``CudaRNGStatesTracker`` streams (the model-parallel stream dropout uses inside TP
+regions, the expert stream, ...). A load at the same TP/PP/EP/expert-TP grid and world size restores
+them rank by rank: a resume with dropout continues bit-exactly. On another layout a rank has no
+saved counterpart (a TP rank's stream is seeded from its TP rank), so every rank is re-seeded as
+Megatron-LM seeds a fresh job (``_set_random_seed``: ``seed + 100 * pp_rank``, then
+``model_parallel_cuda_manual_seed``, which offsets the TP and expert streams), from the saved seed
+plus ``1_000_000 * iteration`` so the masks do not replay those of the job's first steps. So after a
+reshard dropout is deterministic (the same checkpoint resumed at the same layout draws the same
+masks) but not the masks the uninterrupted run would have drawn: losses agree statistically, not
+bitwise (with dropout off, exactly as before).
 
 Load, on any TP/PP/DP/EP/SP layout and either optimizer kind: each rank reads the region of each atom
 its local tensor is (padding rows read as zeros), sets the model parameter, its master and (when the
@@ -30,7 +43,7 @@ import torch
 from ..async_save import wait as wait_for_async_save
 from ..comm import Comm
 from ..errors import StateMismatchError
-from ..format import WEIGHT_STATE, Atom, Layout, dtype_name
+from ..format import WEIGHT_STATE, Atom, Layout, Region, dtype_name
 from ..language import Replicated
 from ..models.config import ModelConfig
 from ..session import SaveHeader, save_universal as run_save
@@ -38,8 +51,8 @@ from ..storage import Checkpoint, ShardWriter
 from . import optimizer_view as O
 from . import vocab_padding as P
 from ..plan.zero import even_share
-from .model_view import (ParamEntry, as_chunks, layers_per_stage, megatron_lm_vocab, param_entries, resolve_spec,
-                         unwrap)
+from .model_view import (BufferEntry, ParamEntry, as_chunks, buffer_entries, layers_per_stage, megatron_lm_vocab,
+                         param_entries, resolve_spec, unwrap)
 from .validate import validate_layout
 
 log = logging.getLogger(__name__)
@@ -56,6 +69,7 @@ class RankView:
     entries: tuple[ParamEntry, ...]
     layout: Layout
     padded_vocab: int | None = None  # set when the true vocabulary size is unknown (``vocab_padding``)
+    buffers: tuple[BufferEntry, ...] = ()
 
 
 def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None) -> RankView:
@@ -74,7 +88,7 @@ def inspect_model(chunks: list, optimizer, family=None, config=None, vocab=None)
                     # a dense model has no expert layers, so no expert-TP size to record
                     etp=ps.get_expert_tensor_parallel_world_size() if config.experts else None)
     return RankView(family, config, tuple(param_entries(chunks, spec, config)), layout,
-                    None if known else config.vocab)
+                    None if known else config.vocab, tuple(buffer_entries(chunks, spec, config)))
 
 
 # ------------------------------------------------------------------------------------------- save
@@ -103,7 +117,7 @@ def _pieces(e: ParamEntry, master: O.Master | None) -> tuple[int, int, dict, dic
     lo, hi = start - master.start, stop - master.start
     tensors = {"fp32": master.main[lo:hi]}
     tensors.update({k: v.reshape(-1)[lo:hi] for k, v in O.tensor_states(master.state).items()})
-    return start, stop, tensors, O.scalar_states(master.state)
+    return start, stop, tensors, O.scalar_states(master)
 
 
 def _add(writer: ShardWriter, info: Atom, tensors: dict, region, start: int, replica: int) -> None:
@@ -161,6 +175,14 @@ def _write_segments(writer: ShardWriter, e: ParamEntry, start: int, stop: int, t
             writer.add(seg.atom, key, flat, seg.region, cut[0] - seg.offset, replica, seg.order)
 
 
+def write_buffers(writer: ShardWriter, view: RankView) -> None:
+    for b in view.buffers:
+        if b.writes:
+            shape = tuple(b.tensor.shape)
+            writer.add_atom(Atom(b.global_name, "buffer", shape, PAD_SPLIT, {"param": dtype_name(b.tensor.dtype)}, {}))
+            writer.add(b.global_name, "param", b.tensor.detach(), Region.whole(shape), 0)
+
+
 def optimizer_hyper(optimizer) -> list[list[dict]]:
     """Each inner optimizer's param-group hyper-parameters (lr, betas, weight decay, multipliers)."""
     return [[{k: v for k, v in g.items() if k != "params" and _plain(v)} for g in o.optimizer.param_groups]
@@ -180,7 +202,8 @@ def common_state(view, optimizer, iteration, scheduler_state, extra_state) -> di
         saved_opt = {"param_groups": optimizer_hyper(optimizer),
                      "grad_scaler": scaler.state_dict() if scaler else None}
     return {"iteration": iteration, "scheduler": scheduler_state, "extra": extra_state, "optimizer": saved_opt,
-            "family": view.family, "model_config": asdict(view.config)}
+            "family": view.family, "model_config": asdict(view.config),
+            "rng_seed": torch.initial_seed()}  # rank 0's torch seed: what a reshard re-seeds from
 
 
 def rank_state() -> dict:
@@ -192,6 +215,8 @@ def rank_state() -> dict:
         state["cuda"] = torch.cuda.get_rng_state()
     except (RuntimeError, AssertionError):  # no CUDA and no CPU shim
         state["cuda"] = None
+    if torch.cuda.is_available():  # every device this process may have drawn on, not only the current one
+        state["cuda_all"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -221,6 +246,7 @@ def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | N
 
     def fill(writer: ShardWriter) -> None:
         write_params(writer, view, optimizer)
+        write_buffers(writer, view)
         if comm.rank == 0:
             writer.save_state(common_state(view, optimizer, iteration, scheduler_state, extra_state),
                               common=True)
@@ -284,7 +310,7 @@ def _load_master(ck: Checkpoint, e: ParamEntry, master: O.Master, weight: torch.
             read_local(ck, e, key, master.start, master.stop, live.dtype, out=live.view(-1))
         else:
             live.copy_(read_local(ck, e, key, master.start, master.stop, live.dtype).view(live.shape))
-    O.set_scalars(master.state, _scalars(ck.path, e, atoms))
+    O.set_scalars(master, _scalars(ck.path, e, atoms))
 
 
 def _scalars(path: str, e: ParamEntry, atoms: list) -> dict:
@@ -307,6 +333,21 @@ def load_params(ck: Checkpoint, view: RankView, optimizer, with_opt: bool) -> No
         master = owned.get(e.param)
         if master is not None:
             _load_master(ck, e, master, weight, with_opt and kind == "param")
+
+
+@torch.no_grad()
+def load_buffers(ck: Checkpoint, view: RankView, strict: bool) -> None:
+    """Every persistent buffer from its atom (copied into the live buffer, on its device)."""
+    stored = {a.name for a in ck.top.atoms if a.kind == "buffer"}
+    missing = [b.global_name for b in view.buffers if b.global_name not in stored]
+    if missing and strict:
+        raise StateMismatchError(f"{ck.path}: the model has buffer(s) the checkpoint lacks: {missing[:5]}; "
+                                 "was it saved before buffers were (or from another model)? pass strict=False "
+                                 "to keep the model's own")
+    for b in (b for b in view.buffers if b.global_name in stored):
+        shape = tuple(b.tensor.shape)
+        b.tensor.copy_(ck.read_fragment(b.global_name, "param", Region.whole(shape), 0, b.tensor.numel(),
+                                        b.tensor.dtype).view(shape))
 
 
 def _counted(view: RankView) -> int:
@@ -341,7 +382,22 @@ def restore_rank_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"])
+    if state.get("cuda_all") is not None and len(state["cuda_all"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_all"])
     get_cuda_rng_tracker().set_states(dict(state["rng_tracker"]))
+
+
+def reseed(seed: int, iteration: int) -> None:
+    """A layout change: seed this rank as Megatron-LM seeds a job, from the saved seed and the
+    iteration (see the module docstring)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    seed = seed + 1_000_000 * iteration + 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
 
 
 def _rng_grid(layout: Layout) -> tuple[int, ...]:
@@ -358,12 +414,16 @@ def restore_state(ck: Checkpoint, view: RankView, optimizer, rank: int, with_opt
     if scaler is not None and saved_opt.get("grad_scaler"):
         scaler.load_state_dict(saved_opt["grad_scaler"])
     same = _rng_grid(ck.top.layout) == _rng_grid(view.layout)
+    iteration = common.get("iteration", ck.top.iteration)
     if same and ck.has_state(rank):
         restore_rank_state(ck.load_state(rank))
+    elif common.get("rng_seed") is not None:
+        log.info("layout changed (%s -> %s): RNG re-seeded from the saved seed %d at iteration %s",
+                 ck.top.layout.describe(), view.layout.describe(), common["rng_seed"], iteration)
+        reseed(common["rng_seed"], iteration or 0)
     else:
-        log.info("layout changed (%s -> %s): RNG states are not restored", ck.top.layout.describe(),
-                 view.layout.describe())
-    return {"iteration": common.get("iteration", ck.top.iteration),
+        log.warning("layout changed and the checkpoint records no seed: RNG states are left as they are")
+    return {"iteration": iteration,
             "scheduler_state": common.get("scheduler"), "extra_state": common.get("extra")}
 
 
@@ -386,6 +446,7 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
     if with_opt:
         O.ensure_state(optimizer)
     comm.run(lambda: load_params(ck, view, optimizer, with_opt))
+    comm.run(lambda: load_buffers(ck, view, strict))
     used = comm.all_sum(_counted(view))
     stored = sum(1 for a in ck.top.atoms if a.kind in ("param", "frozen") and not a.name.endswith(P.SUFFIX))
     if strict and used != stored:

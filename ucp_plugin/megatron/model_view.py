@@ -178,6 +178,31 @@ def param_entries(chunks: list, spec: ModelSpec, cfg: ModelConfig) -> list[Param
     return entries
 
 
+@dataclass(frozen=True)
+class BufferEntry:
+    """One persistent buffer of this rank's model (megatron's MoE router ``expert_bias``, ...): every
+    TP and DP rank of a stage holds the same values, so TP rank 0 of DP rank 0 writes it."""
+    global_name: str
+    writes: bool
+    tensor: torch.Tensor = field(compare=False, repr=False)
+
+
+def buffer_entries(chunks: list, spec: ModelSpec, cfg: ModelConfig) -> list[BufferEntry]:
+    """The buffers ``state_dict`` saves (not the non-persistent ones, e.g. the router's token counts)
+    of every model chunk of this rank, named globally as parameters are."""
+    tp_rank, _, dp_rank, _ = _groups(False)
+    entries = []
+    for chunk in chunks:
+        gpt = unwrap(chunk)
+        offsets = name_offsets(gpt, cfg)
+        for prefix, module in gpt.named_modules():
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None and name not in module._non_persistent_buffers_set:
+                    local = f"{prefix}.{name}" if prefix else name
+                    entries.append(BufferEntry(spec.to_global(local, offsets), tp_rank == 0 and dp_rank == 0, buf))
+    return entries
+
+
 def _entry(spec: ModelSpec, cfg: ModelConfig, local: str, name: str, param, offsets: dict) -> ParamEntry:
     rule = spec.rule_for(name)
     expert = is_expert(name)

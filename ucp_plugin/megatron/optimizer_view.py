@@ -9,6 +9,11 @@
 - ``FP32Optimizer``: the parameter is its own master.
 - ``ChainedOptimizer`` (MoE: dense and expert parameters use different DP groups): each inner one.
 
+Adam's ``step`` lives where the inner optimizer keeps it: torch's AdamW keeps a 0-dim tensor per
+parameter (``state[p]["step"]``); Transformer Engine's and apex's ``FusedAdam`` keep one int per param
+group (``param_groups[i]["step"]``, and no per-parameter step). Either way it is saved as each
+parameter's ``step`` scalar, so a checkpoint of one kind loads into the other, on any layout.
+
 The state entries returned are the live dicts of the inner torch optimizer: writing into their
 tensors (``copy_``) changes the optimizer.
 """
@@ -30,6 +35,7 @@ class Master:
     main: torch.Tensor = field(repr=False)
     state: dict = field(repr=False, compare=False)
     distributed: bool = False
+    group: dict | None = field(default=None, repr=False, compare=False)  # the inner param group of ``main``
 
 
 def inner_optimizers(optimizer) -> list:
@@ -62,24 +68,34 @@ def _distributed_masters(opt) -> dict:
     for param, (group, order) in opt.model_param_group_index_map.items():
         main = opt.optimizer.param_groups[group]["params"][order]
         owned = opt._get_model_param_range_map(param)["param"]
-        out[param] = Master(owned.start, owned.end, main.detach().view(-1), opt.optimizer.state[main], True)
+        out[param] = Master(owned.start, owned.end, main.detach().view(-1), opt.optimizer.state[main], True,
+                            opt.optimizer.param_groups[group])
     return out
 
 
+def _whole(opt, param, main, groups: dict) -> Master:
+    return Master(0, param.numel(), main.detach().view(-1), opt.optimizer.state[main], group=groups[id(main)])
+
+
+def _groups_by_param(opt) -> dict:
+    return {id(p): g for g in opt.optimizer.param_groups for p in g["params"]}
+
+
 def _float16_masters(opt) -> dict:
-    out = {}
+    out, groups = {}, _groups_by_param(opt)
     for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups):
         for param, main in zip(model_group, main_group):
-            out[param] = Master(0, param.numel(), main.detach().view(-1), opt.optimizer.state[main])
+            out[param] = _whole(opt, param, main, groups)
     for group in opt.fp32_from_fp32_groups:
         for param in group:
-            out[param] = Master(0, param.numel(), param.detach().view(-1), opt.optimizer.state[param])
+            out[param] = _whole(opt, param, param, groups)
     return out
 
 
 def _fp32_masters(opt) -> dict:
-    return {param: Master(0, param.numel(), param.detach().view(-1), opt.optimizer.state[param])
-            for group in opt.optimizer.param_groups for param in group["params"]}
+    groups = _groups_by_param(opt)
+    return {param: _whole(opt, param, param, groups) for group in opt.optimizer.param_groups
+            for param in group["params"]}
 
 
 def ensure_state(optimizer) -> None:
@@ -105,23 +121,44 @@ def tensor_states(state: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
 
 
-def scalar_states(state: dict) -> dict[str, int | float]:
-    """The scalar states (torch AdamW's ``step`` tensor, plain numbers) as numbers."""
+def scalar_states(master: Master) -> dict[str, int | float]:
+    """The scalar states (torch AdamW's ``step`` tensor, plain numbers) as numbers; a ``step`` kept
+    per param group (TE/apex FusedAdam) counts as each of the group's parameters' own."""
     out = {}
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.dim() == 0:
-            value = value.item()
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = scalar_value(value)
+    for key, value in master.state.items():
+        value = _number(value)
+        if value is not None:
+            out[key] = value
+    if "step" not in out and keeps_group_step(master):
+        step = master.group["step"]  # TE's capturable mode: a one-element tensor
+        out["step"] = _number(step.reshape(()) if torch.is_tensor(step) else step)
     return out
 
 
-def set_scalars(state: dict, scalars: dict) -> None:
+def _number(value) -> int | float | None:
+    if torch.is_tensor(value) and value.dim() == 0:
+        value = value.item()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return scalar_value(value)
+    return None
+
+
+def keeps_group_step(master: Master) -> bool:
+    """Whether the inner optimizer keeps Adam's step per param group, not per parameter. TE's
+    FusedAdam adds ``group["step"]`` at its first step (``ensure_state`` makes one before a load)."""
+    return "step" not in master.state and master.group is not None and "step" in master.group
+
+
+def set_scalars(master: Master, scalars: dict) -> None:
     """Each master gets its own tensors: torch AdamW increments ``step`` in place, so one tensor shared
-    by several parameters would advance once per parameter per step."""
+    by several parameters would advance once per parameter per step. A per-group step takes its
+    parameters' (equal when one optimizer saved them; the last one read wins otherwise). New values
+    are made on the device of the value they replace."""
     for key, value in scalars.items():
-        old = state.get(key)
+        holder = master.group if key == "step" and keeps_group_step(master) else master.state
+        old = holder.get(key)
         if torch.is_tensor(old):
-            state[key] = torch.tensor(float(value), dtype=old.dtype, device=old.device)
+            holder[key] = torch.full_like(old, float(value)) if old.dim() else \
+                torch.tensor(float(value), dtype=old.dtype, device=old.device)
         else:
-            state[key] = value
+            holder[key] = value

@@ -50,8 +50,9 @@ def manifest_model(manifest: Manifest) -> tuple[str, ModelConfig, ModelSpec]:
 
 
 def atom_shapes(manifest: Manifest) -> dict[str, tuple[int, ...]]:
-    """Shapes of the model's atoms (companion vocabulary-padding atoms are not model parameters)."""
-    return {a.name: tuple(a.shape) for a in manifest.atoms if not a.name.endswith(SUFFIX)}
+    """Shapes of the model's parameter atoms (companion vocabulary-padding atoms are not model
+    parameters; buffers are whole on every rank, whatever the layout)."""
+    return {a.name: tuple(a.shape) for a in manifest.atoms if not a.name.endswith(SUFFIX) and a.kind != "buffer"}
 
 
 def valid_sizes(spec: ModelSpec, shapes: dict) -> dict[str, list[int]]:

@@ -1,6 +1,9 @@
 """Fault injection for crash-safety tests: ``UCP_FAULT=<point>:<rank>`` kills that rank with SIGKILL
-when it reaches ``<point>`` (``before_shard``, ``after_shard``, ``before_manifest``,
-``after_manifest``, ``before_latest``). Unset in normal runs, where ``point`` costs one dict lookup."""
+when it reaches ``<point>`` (``staging``, ``before_shard``, ``after_shard``, ``before_manifest``,
+``after_manifest``, ``before_latest``); ``UCP_FAULT=<point>:<rank>:<errno name>`` (e.g. ``ENOSPC``)
+raises that ``OSError`` there instead, as a full or read-only disk would. Unset in normal runs, where
+``point`` costs one dict lookup."""
+import errno
 import os
 import signal
 
@@ -11,6 +14,10 @@ def point(name: str, rank: int) -> None:
     spec = os.environ.get("UCP_FAULT")
     if not spec:
         return
-    where, _, who = spec.partition(":")
-    if where == name and (who == "" or int(who) == rank):
-        os.kill(os.getpid(), signal.SIGKILL)
+    where, who, error = (spec.split(":") + ["", ""])[:3]
+    if where != name or (who != "" and int(who) != rank):
+        return
+    if error:
+        code = getattr(errno, error)
+        raise OSError(code, os.strerror(code))
+    os.kill(os.getpid(), signal.SIGKILL)

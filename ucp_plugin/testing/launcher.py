@@ -100,6 +100,9 @@ def _wait_all(procs, timeout: float, log_dir: str) -> None:
 def _main(spec_json: str, out_path: str) -> None:
     import importlib
 
+    from . import nccl_rule
+
+    nccl_rule.install_from_env()  # tests run the plugin's collectives under NCCL's device rule
     spec = json.loads(spec_json)
     module, func = spec["target"].split(":")
     value = getattr(importlib.import_module(module), func)(**spec["kwargs"])
