@@ -18,7 +18,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # ``models`` declare families in the language; ``session`` is the distributed save protocol the
 # adapters share.
 LAYERS = (("",), ("errors",), ("comm",), ("format",), ("language",), ("models",), ("plan",), ("storage",),
-          ("session",), ("deepspeed", "megatron"),
+          ("async_save",), ("session",), ("deepspeed", "megatron"),
           ("integrations.megatron_lm", "integrations.megatron_deepspeed", "integrations"),
           ("tools",), ("cli",), ("testing",))
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
@@ -82,6 +82,8 @@ def import_edges(root: str = ROOT):
 def layer_violations(root: str = ROOT) -> list[str]:
     bad = []
     for source, unit, where in import_edges(root):
+        if source == "" and unit in RANK and unit != "testing":
+            continue  # the package root is the public facade (``ucp_plugin.wait``/``poll``, imported lazily)
         if source not in RANK or unit not in RANK:
             bad.append(f"{where}: unit {source or unit!r} has no layer; add it to LAYERS")
         elif RANK[unit] >= RANK[source]:

@@ -1,7 +1,7 @@
 """ucp_plugin: Universal Checkpointing for DeepSpeed and Megatron-core.
 
 Layers, imports pointing one way (tests/test_imports.py checks): ``format`` -> ``language``
-(and ``models``, the families declared in it) -> ``plan`` -> ``storage`` (and ``comm``, ``session``)
+(and ``models``, the families declared in it) -> ``plan`` -> ``storage`` (and ``comm``, ``async_save``, ``session``)
 -> framework adapters (``deepspeed``, ``megatron``) -> ``integrations`` (Megatron-LM,
 Megatron-DeepSpeed) -> ``cli`` / ``tools``. ``testing`` (launcher, CPU shim, harnesses, model builders)
 serves tests and recipes only; product code never imports it.
