@@ -8,7 +8,7 @@ resume that forgets buffers, frozen parameters, optimizer state or the LR schedu
 Batches are a pure function of (seed, global step): every layout sees the same global batch, split
 over ranks and micro-batches (``ds_config`` derives micro-batch x accumulation from the DP size), so
 per-step losses of different layouts agree to rounding. Optimizers: DeepSpeed config AdamW or Adam
-(amsgrad), or a client torch AdamW / SGD with momentum (``train(client=...)``). ``train`` runs inside a worker started by
+(amsgrad) as torch's, DeepSpeed's own AdamW (FusedAdam; DeepSpeedCPUAdam under ZeRO-Offload), or a client torch AdamW / SGD with momentum (``train(client=...)``). ``train`` runs inside a worker started by
 ``ucp_plugin.testing.launcher.run_workers`` and returns JSON values only.
 """
 from __future__ import annotations
@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODEL_DEFAULTS = dict(vocab=37, seq=8, d=18, heads=3, hidden=45, layers=2, tied=False)
+import ucp_plugin
+
+MODEL_DEFAULTS = dict(vocab=37, seq=8, d=18, heads=3, hidden=45, layers=2, tied=False, dropout=0.0)
 
 
 class Block(nn.Module):
@@ -47,8 +49,13 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    def __init__(self, vocab=37, seq=8, d=18, heads=3, hidden=45, layers=2, tied=False):
+    def __init__(self, vocab=37, seq=8, d=18, heads=3, hidden=45, layers=2, tied=False, dropout=0.0,
+                 moving_buffer=True):
         super().__init__()
+        self.drop = nn.Dropout(dropout)  # > 0 only where a test checks that RNG states are restored
+        # False: ``phase`` stays 0, for runs resumed by stock DeepSpeed's universal loading, which
+        # restores no buffer (nor frozen parameter: those resume from the same init seed)
+        self.moving_buffer = moving_buffer
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Parameter(torch.randn(seq, d) * 0.5, requires_grad=False)
         self.register_buffer("phase", torch.zeros(()))
@@ -60,16 +67,17 @@ class TinyGPT(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
-        h = self.wte(x) + self.wpe[:t] * torch.cos(self.phase * 0.7)
+        h = self.drop(self.wte(x) + self.wpe[:t] * torch.cos(self.phase * 0.7))
         for block in self.blocks:
-            h = block(h)
+            h = self.drop(block(h))
         logits = self.head(self.ln_f(h)).float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
 
     @torch.no_grad()
     def tick(self) -> None:
         """Called once per optimizer step, identically on every rank."""
-        self.phase += 1
+        if self.moving_buffer:
+            self.phase += 1
 
 
 def build_model(init_seed: int = 0, **overrides) -> TinyGPT:
@@ -97,9 +105,10 @@ def micro_size(global_size: int, dp: int, cap: int = 4) -> int:
 
 
 def ds_config(stage: int, dtype: str = "fp32", dp: int = 1, *, global_batch: int = 12, lr: float = 3e-3,
-              grad_accum_dtype: str | None = None, optimizer: str = "adamw", universal: bool = False,
+              grad_accum_dtype: str | None = None, optimizer: str = "adamw", universal: bool | str = False,
               **zero) -> dict:
-    """A DeepSpeed config whose global batch is fixed whatever ``dp``; ``zero`` adds zero_optimization keys."""
+    """A DeepSpeed config whose global batch is fixed whatever ``dp``; ``zero`` adds zero_optimization keys;
+    ``universal="async"`` saves universal checkpoints asynchronously."""
     if global_batch % dp:
         raise ValueError(f"global_batch {global_batch} must be divisible by dp {dp}")
     micro = micro_size(global_batch, dp)
@@ -119,10 +128,12 @@ def ds_config(stage: int, dtype: str = "fp32", dp: int = 1, *, global_batch: int
     elif optimizer == "adam":  # torch.optim.Adam with amsgrad: a third state, max_exp_avg_sq
         cfg["optimizer"] = {"type": "Adam", "params": {"lr": lr, "weight_decay": 0.01, "torch_adam": True,
                                                        "adam_w_mode": False, "amsgrad": True}}
+    elif optimizer == "fused":  # DeepSpeed's default: FusedAdam (int step), DeepSpeedCPUAdam under offload
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01}}
     elif optimizer == "client":  # train(client=...) passes a torch optimizer; SGD is "untested" for ZeRO
         cfg["zero_allow_untested_optimizer"] = True
     else:
-        raise ValueError(f"optimizer must be 'adamw', 'adam' (config) or 'client' (torch optimizer), "
+        raise ValueError(f"optimizer must be 'adamw', 'adam', 'fused' (config) or 'client' (torch optimizer), "
                          f"not {optimizer!r}")
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
@@ -131,7 +142,7 @@ def ds_config(stage: int, dtype: str = "fp32", dp: int = 1, *, global_batch: int
     if grad_accum_dtype:
         cfg["data_types"] = {"grad_accum_dtype": grad_accum_dtype}
     if universal:
-        cfg["checkpoint"] = {"universal": True}
+        cfg["checkpoint"] = {"universal": True, **({"async": True} if universal == "async" else {})}
     return cfg
 
 
@@ -182,6 +193,7 @@ def run_steps(engine, steps: int, seed: int, model: dict | None = None) -> list[
             engine.backward(loss)
             engine.step()
             total += loss.detach().double()
+        ucp_plugin.poll()  # a step boundary: commits an asynchronous save every rank has written
         dist.all_reduce(total)
         losses.append(total.item() / (size // micro))
         engine.module.tick()
@@ -235,6 +247,7 @@ def train(config: dict, steps: int = 5, seed: int = 0, init_seed: int = 0, save_
         if save_dir:
             engine.save_checkpoint(save_dir, tag=tag, client_state={"harness_seed": seed, "losses": losses})
         losses += run_steps(engine, steps - save_at, seed, model)
+        ucp_plugin.wait()  # the last asynchronous save is committed before the engine goes
     finally:
         logger.removeHandler(reports)
         engine.destroy()

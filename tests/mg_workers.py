@@ -103,11 +103,14 @@ def run_plan(runs: list[dict], runners: dict | None = None) -> dict:
 
 
 def save_run(family: str, model: dict, layout: dict, settings: dict, root: str, save_after: int,
-             optimizer: bool = True, plain: bool = False) -> dict:
+             optimizer: bool = True, plain: bool = False, async_save: bool = False) -> dict:
     """Train from the reference weights, save a universal checkpoint after ``save_after`` steps, train
     on: the uninterrupted run's losses. ``plain``: save as a user would without describing the model
-    (no family, config or vocabulary size)."""
+    (no family, config or vocabulary size). ``async_save``: the save is written while training goes
+    on, committed at a step boundary (``ucp_plugin.poll``) or at the end (``ucp_plugin.wait``)."""
     import time
+
+    import ucp_plugin
 
     from ucp_plugin.megatron.checkpoint import save_universal
     from ucp_plugin.megatron.layout import MegatronLayout
@@ -121,9 +124,12 @@ def save_run(family: str, model: dict, layout: dict, settings: dict, root: str, 
     start = time.perf_counter()
     described = {} if plain else dict(family=family, config=cfg, extra_state={"note": "test"})
     path = save_universal(run.model, run.optimizer if optimizer else None, root, f"iter_{save_after:07d}",
-                          save_after, **described)
+                          save_after, **described, async_save=async_save)
     seconds = time.perf_counter() - start
-    losses += [train_step(run, t) for t in tokens[save_after:]]
+    for t in tokens[save_after:]:
+        losses.append(train_step(run, t))
+        ucp_plugin.poll()
+    ucp_plugin.wait()
     return {"losses": losses, "path": path, "save_seconds": seconds, **stage_summary(run)}
 
 

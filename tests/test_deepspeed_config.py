@@ -27,6 +27,20 @@ def test_read_config_switch_and_mistakes():
         cfg.read_config({"checkpoint": {"universal": True, "load_universal": True}})
 
 
+def test_read_config_async():
+    on = cfg.read_config({"checkpoint": {"universal": True, "async": True}})
+    assert on.asynchronous and on.on_busy == "wait" and not cfg.read_config({}).asynchronous
+    assert cfg.read_config({"checkpoint": {"universal": True, "async": True,
+                                           "async_on_busy": "refuse"}}).on_busy == "refuse"
+    for section, message in (({"universal": True, "async": "yes"}, '"async": \'yes\'.* true or false'),
+                             ({"universal": True, "async": True, "async_on_busy": "skip"}, "one of"),
+                             ({"async": True}, 'needs "universal": true'),
+                             ({"universal": True, "asnyc": True}, 'did you mean "async"'),
+                             ({"universal": True, "async_on_bsy": "wait"}, 'did you mean "async_on_busy"')):
+        with pytest.raises(ValueError, match=message):
+            cfg.read_config({"checkpoint": section})
+
+
 def _fake_engine(**over):
     base = dict(fp16_enabled=lambda: False, bfloat16_enabled=lambda: False, zero_offload_optimizer=lambda: None,
                 zero_offload_param=lambda: None, zero_optimization_stage=lambda: 2,
@@ -41,11 +55,16 @@ def test_check_engine_names_the_unsupported_setting():
 
     cfg.check_engine(_fake_engine())
     cfg.check_engine(_fake_engine(zero_offload_optimizer=lambda: DeepSpeedZeroOffloadOptimizerConfig(device="none")))
+    cfg.check_engine(_fake_engine(zero_offload_optimizer=lambda: DeepSpeedZeroOffloadOptimizerConfig(device="cpu"),
+                                  zero_offload_param=lambda: DeepSpeedZeroOffloadParamConfig(device="cpu")))
     cases = [
         (dict(fp16_enabled=lambda: True), '"fp16": {"enabled": true}'),
         (dict(bfloat16_enabled=lambda: True, zero_optimization_stage=lambda: 0), '"bf16" with ZeRO stage 0'),
-        (dict(zero_offload_optimizer=lambda: DeepSpeedZeroOffloadOptimizerConfig(device="cpu")),
-         '"zero_optimization.offload_optimizer": {"device": "cpu"}'),
+        (dict(zero_offload_optimizer=lambda: DeepSpeedZeroOffloadOptimizerConfig(device="cpu", ratio=0.5)),
+         '"zero_optimization.offload_optimizer.ratio" < 1'),
+        (dict(zero_offload_optimizer=lambda: DeepSpeedZeroOffloadOptimizerConfig(device="nvme", nvme_path="/x")),
+         '"zero_optimization.offload_optimizer": {"device": "nvme"}: ' if cfg.aio_problem() else
+         '"zero_optimization.offload_optimizer": {"device": "nvme"} (state swapped'),
         (dict(zero_offload_param=lambda: DeepSpeedZeroOffloadParamConfig(device="nvme", nvme_path="/x")),
          '"zero_optimization.offload_param": {"device": "nvme"}'),
         (dict(mp_world_size=2), "model parallelism (mp size 2)"),

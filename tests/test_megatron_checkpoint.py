@@ -94,11 +94,13 @@ def build_plan(root) -> Plan:
     plan.save("llama", {"tp": 2, "sp": True}, optimizer=False, name="save:llama:weights-only")
     bf16 = dict(SETTINGS, bf16=True)
     plan.save("gpt", {"tp": 2}, settings=bf16, name="save:gpt:bf16")
+    plan.save("llama", {"tp": 2}, name="save:llama:async", async_save=True)  # written while training goes on
     for family, label, source, target in MATRIX:
         plan.load(f"load:{family}:{label}", f"save:{family}:{_key(source)}", target)
     plan.load("load:llama:weights-only", "save:llama:weights-only", {"pp": 2}, resave=False)
     plan.load("load:gpt:bf16-same", "save:gpt:bf16", {"tp": 2})
     plan.load("load:gpt:bf16-other", "save:gpt:bf16", {"dp": 2, "optimizer": "ddp"})
+    plan.load("load:llama:async-TP2->TP1", "save:llama:async", {})
     gpt_tp1 = f"save:gpt:{_key({})}"
     plan.load("load:wrong-family", gpt_tp1, {}, family="llama", model=MODELS["llama"], resave=False)
     plan.load("load:wrong-shape", gpt_tp1, {}, model=dict(MODELS["gpt"], ffn=32), resave=False)
@@ -148,6 +150,19 @@ def test_transition_resumes_exactly(campaign, family, label, source, target):
     print(f"{family} {label} ({_key(source)} -> {_key(target)}): max relative loss difference {diff:.1e}")
     assert diff < TOL, f"{family} {label}: relative loss difference {diff:.2e}"
     assert_same_consolidated_state(saved["path"], resumed["resaved"])
+
+
+def test_async_save_resumes_as_the_sync_one(campaign):
+    """llama TP2 saved asynchronously: the same losses and bit-for-bit the same checkpoint as the
+    synchronous save of the same run, and its TP1 resume as exact as the synchronous TP2->TP1."""
+    sync, other = ok(campaign, f"save:llama:{_key({'tp': 2})}"), ok(campaign, "save:llama:async")
+    assert other["losses"] == sync["losses"]
+    assert_same_consolidated_state(sync["path"], other["path"])
+    resumed = ok(campaign, "load:llama:async-TP2->TP1")
+    assert resumed["iteration"] == SAVE_AFTER and resumed["extra"] == {"note": "test"}
+    assert resumed["losses"] == ok(campaign, "load:llama:TP2->TP1")["losses"]
+    assert rel(resumed["losses"], other["losses"][SAVE_AFTER:]) < TOL
+    assert_same_consolidated_state(other["path"], resumed["resaved"])
 
 
 def test_every_layout_trains_alike(campaign):

@@ -372,7 +372,7 @@ def test_bridge_save_then_load_round_trips_progress(fake):
     s = fake.save[0]
     assert (s["model_chunks"], s["optimizer"], s["tag"], s["iteration"]) == (chunks, opt, "iter_0000100", 100)
     assert s["save_dir"] == fake.args.save and s["scheduler_state"] == {"num_steps": 7}
-    assert s["kw"] == {"family": "gpt"}
+    assert s["kw"] == {"family": "gpt", "async_save": False}
     assert s["extra_state"] == {"consumed_train_samples": 64, "skipped_train_samples": 1,
                                 "consumed_valid_samples": 8, "num_floating_point_operations_so_far": 1.5e12}
     vars(fake.args).update(consumed_train_samples=0, skipped_train_samples=0, consumed_valid_samples=0,
@@ -385,6 +385,12 @@ def test_bridge_save_then_load_round_trips_progress(fake):
     assert sched2.loaded == {"num_steps": 7} and not opt.reloaded
     assert (fake.args.consumed_train_samples, fake.args.consumed_valid_samples) == (64, 8)
     assert fake.microbatches == [64]
+
+
+def test_bridge_async_save_is_asynchronous(fake):
+    fake.args.async_save = True
+    megatron_lm.save_checkpoint(4, ["c"], _Optimizer(), _Scheduler(), 0)
+    assert fake.save[-1]["kw"] == {"family": "gpt", "async_save": True}
 
 
 def test_bridge_finetune_and_no_load_optim_follow_megatron_lm(fake):

@@ -72,3 +72,32 @@ def test_concurrent_saves_and_reads_never_corrupt(tmp_path):
     assert errors == []
     assert read_latest(root) == "same" and verify(os.path.join(root, "same")) == []
     assert run_workers(2, f"{W}:load_tp", {"root": root})[0]["equal"]
+
+
+@pytest.mark.parametrize("fault", ["before_shard:1", "after_shard:0"])
+def test_kill_in_background_writer_keeps_previous_checkpoint(tmp_path, fault):
+    """Asynchronous save: the writer thread reaches the fault point after save_universal returned."""
+    root = str(tmp_path)
+    # the first save is still in flight when the workers return: their exit hook commits it
+    assert run_workers(2, f"{W}:save_tp", {"root": root, "tag": "step1", "step": 1, "asynchronous": True,
+                                           "exit_in_flight": True}) == ["in flight"] * 2
+    assert read_latest(root) == "step1"
+    with pytest.raises(WorkerError, match="exited with code -9"):
+        run_workers(2, f"{W}:save_tp", {"root": root, "tag": "step2", "step": 2, "fault": fault,
+                                        "asynchronous": True}, timeout=120)
+    assert read_latest(root) == "step1" and not os.path.exists(os.path.join(root, "step2"))
+    assert verify(os.path.join(root, "step1")) == []
+    assert run_workers(3, f"{W}:load_tp", {"root": root}) == [{"step": 1, "equal": True}] * 3
+
+
+def test_async_save_protocol(tmp_path):
+    root = str(tmp_path)
+    out = run_workers(2, f"{W}:async_protocol", {"root": root}, timeout=120)
+    for rank in out:
+        assert rank["returned_before_commit"] and rank["in_flight"] and rank["poll_while_writing"] is False
+        assert rank["refused"].startswith("SaveInProgressError: the asynchronous save ")
+        assert rank["a1_committed_by_second_save"] and rank["buffer_reused"]
+        assert rank["latest"] == "a2" and rank["in_flight_after_wait"] is None
+    for tag, step in (("a1", 1), ("a2", 2)):
+        assert verify(os.path.join(root, tag)) == []
+        assert run_workers(1, f"{W}:load_tp", {"root": os.path.join(root, tag)}) == [{"step": step, "equal": True}]

@@ -3,6 +3,8 @@
 ``save_universal`` runs the writer protocol of ``storage.writer`` across ranks: a common staging
 folder, every rank writing its shard, rank 0 committing under an exclusive lock on the save folder
 (two jobs saving into one folder are serialised at commit; each has its own staging folder).
+With ``asynchronous=True`` the shard is written in the background and committed later
+(``async_save``).
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import __version__
+from . import async_save
 from .comm import Comm
 from .format import Layout, Manifest, Writer
 from .storage import ShardWriter, commit, faults, prepare_staging, staging_name
+from .storage.snapshot import Snapshot
 
 LOCK = ".ucp.lock"
 
@@ -62,19 +66,16 @@ def _prepare(root: str, name: str, rank: int) -> str:
 
 
 def save_universal(comm: Comm, root: str, tag: str, header: SaveHeader,
-                   fill: Callable[[ShardWriter], None], update_latest: bool = True) -> str:
-    """Every rank calls this; ``fill`` adds that rank's fragments and state. Returns the folder."""
+                   fill: Callable[[ShardWriter], None], update_latest: bool = True, *,
+                   asynchronous: bool = False, on_busy: str = async_save.WAIT) -> str:
+    """Every rank calls this; ``fill`` adds that rank's fragments and state. Returns the folder
+    (with ``asynchronous=True`` it exists once the save is committed: ``async_save``). A save still in
+    flight is finalized first, or refused (``on_busy``)."""
+    async_save.make_room(on_busy)
     name = comm.broadcast_str(staging_name(tag))
     # every rank creates the folders inside the agreement: a read-only or full path is one clear
     # error on every rank, not rank 0 failing alone while the others wait in the next collective
     staging = comm.run(lambda: _prepare(root, name, comm.rank))
-
-    def write_shard() -> None:
-        writer = ShardWriter(staging, comm.rank)
-        fill(writer)
-        writer.finish()
-
-    comm.run(write_shard)
 
     def publish() -> str | None:
         if comm.rank != 0:
@@ -82,5 +83,24 @@ def save_universal(comm: Comm, root: str, tag: str, header: SaveHeader,
         with save_lock(root):
             return commit(root, staging, tag, comm.world_size, header.manifest(), update_latest)
 
+    if asynchronous:
+        snapshot = comm.run(lambda: _snapshot(comm.rank, fill))
+        async_save.submit(comm, os.path.join(root, tag), lambda: _write(staging, comm.rank, snapshot.replay),
+                          publish)
+        return os.path.join(root, tag)
+    comm.run(lambda: _write(staging, comm.rank, fill))
     comm.run(publish)
     return os.path.join(root, tag)
+
+
+def _snapshot(rank: int, fill: Callable[[ShardWriter], None]) -> Snapshot:
+    snapshot = Snapshot(rank)
+    fill(snapshot)
+    snapshot.copy_into(async_save.arena())
+    return snapshot
+
+
+def _write(staging: str, rank: int, fill: Callable[[ShardWriter], None]) -> None:
+    writer = ShardWriter(staging, rank)
+    fill(writer)
+    writer.finish()

@@ -7,12 +7,16 @@ on megatron-core, with universal checkpoints (``--universal-checkpoint``).
         --num-query-groups 2 --ffn-hidden-size 128 --swiglu --normalization RMSNorm \\
         --position-embedding-type rope --untie-embeddings-and-output-weights \\
         --seq-length 64 --micro-batch-size 1 --global-batch-size 8 --lr 1e-3 --train-iters 20 \\
-        --save ckpt --save-interval 10 --load ckpt --universal-checkpoint
+        --save ckpt --save-interval 10 --load ckpt --universal-checkpoint [--async-save]
 
 With ``--deepspeed --zero-stage N`` (Megatron-DeepSpeed's flags) the model is trained by a DeepSpeed
 engine instead of megatron's optimizer (``ucp_plugin.integrations.megatron_deepspeed``: ZeRO over megatron's
 data-parallel group, TP x DP); its universal checkpoints are the same format, so either optimizer
 resumes the other's.
+
+``--async-save`` (Megatron-LM's flag) saves asynchronously (``ucp_plugin.async_save``): training goes
+on while the checkpoint is written; the loop commits it at the next step boundary every rank has
+finished writing (``ucp_plugin.poll``) and waits for the last one before returning.
 
 Data: the byte-level text of ``recipes.common`` (Python's standard library sources). On a machine
 without CUDA the megatron-core CPU shim is installed; on GPUs it is not.
@@ -25,6 +29,7 @@ import os
 
 import torch
 
+import ucp_plugin
 from recipes.common import VOCAB, corpus, global_batch
 from ucp_plugin.integrations.megatron_lm.flags import UcpOptions, add_ucp_args
 
@@ -47,7 +52,8 @@ def megatron_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, default=0.01)
     a("--clip-grad", type=float, default=1.0)
     for flag in ("--sequence-parallel", "--use-distributed-optimizer", "--group-query-attention", "--swiglu",
-                 "--untie-embeddings-and-output-weights", "--bf16", "--moe-grouped-gemm", "--deepspeed"):
+                 "--untie-embeddings-and-output-weights", "--bf16", "--moe-grouped-gemm", "--deepspeed",
+                 "--async-save"):
         a(flag, action="store_true")
     a("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     a("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
@@ -94,10 +100,11 @@ def _report(progress: str | None, iteration: int, loss: float) -> None:
 class MegatronTrainer:
     """megatron's DDP + optimizer (``ucp_plugin.testing.harness``), ucp_plugin's save/load calls."""
 
-    def __init__(self, family, cfg, layout, settings):
+    def __init__(self, family, cfg, layout, settings, async_save: bool = False):
         from ucp_plugin.testing.harness import setup
 
         self.family, self.cfg, self.run = family, cfg, setup(family, cfg, layout, settings)
+        self.async_save = async_save
 
     def step(self, batch) -> float:
         from ucp_plugin.testing.harness import train_step
@@ -108,7 +115,7 @@ class MegatronTrainer:
         from ucp_plugin.megatron.checkpoint import save_universal
 
         save_universal(self.run.model, self.run.optimizer, folder, f"iter_{iteration:07d}", iteration,
-                       family=self.family, config=self.cfg)
+                       family=self.family, config=self.cfg, async_save=self.async_save)
 
     def load(self, folder: str, verify: bool) -> int:
         from ucp_plugin.megatron.checkpoint import load_universal
@@ -121,7 +128,7 @@ class DeepSpeedTrainer:
     """A DeepSpeed engine around the megatron-core model (Megatron-DeepSpeed): the engine's own
     ``save_checkpoint`` / ``load_checkpoint``, universal through its config."""
 
-    def __init__(self, family, cfg, layout, settings, zero_stage: int):
+    def __init__(self, family, cfg, layout, settings, zero_stage: int, async_save: bool = False):
         from ucp_plugin.testing.deepspeed_harness import EngineLayout, setup_engine
 
         if layout.pp > 1 or layout.ep > 1 or layout.sp or layout.etp is not None:
@@ -129,7 +136,8 @@ class DeepSpeedTrainer:
                              "--expert-model-parallel-size, --expert-tensor-parallel-size and "
                              "--sequence-parallel")
         engine_layout = EngineLayout(tp=layout.tp, dp=layout.dp, zero_stage=zero_stage, bf16=settings.bf16)
-        self.settings, self.engine = settings, setup_engine(family, cfg, engine_layout, settings)
+        self.settings = settings
+        self.engine = setup_engine(family, cfg, engine_layout, settings, async_save=async_save)
 
     def step(self, batch) -> float:
         from ucp_plugin.testing.deepspeed_harness import train_step
@@ -161,8 +169,8 @@ def worker(argv: list[str], progress: str | None = None) -> dict:
     opts = UcpOptions.from_args(args)
     if not opts.enabled and (args.save or args.load):
         raise SystemExit("this entry saves and loads universal checkpoints only: add --universal-checkpoint")
-    trainer = DeepSpeedTrainer(family, cfg, layout, settings, args.zero_stage) if args.deepspeed \
-        else MegatronTrainer(family, cfg, layout, settings)
+    trainer = DeepSpeedTrainer(family, cfg, layout, settings, args.zero_stage, args.async_save) \
+        if args.deepspeed else MegatronTrainer(family, cfg, layout, settings, args.async_save)
     iteration = 0
     if args.load and os.path.exists(os.path.join(args.load, "latest")):
         iteration = trainer.load(args.load, opts.load_verify)
@@ -174,6 +182,8 @@ def worker(argv: list[str], progress: str | None = None) -> dict:
         _report(progress, iteration, losses[-1])
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             trainer.save(args.save, iteration)
+        ucp_plugin.poll()  # a step boundary: commits an asynchronous save once every rank wrote it
+    ucp_plugin.wait()  # the last asynchronous save is committed before the run ends
     engine = f"deepspeed zero{args.zero_stage}" if args.deepspeed else "megatron"
     return {"losses": losses, "iteration": iteration, "layout": f"{layout.describe()} ({engine})"}
 

@@ -16,6 +16,8 @@ from ..errors import UnsupportedError
 from .params import binding_for
 
 UNIVERSAL = "universal"
+ASYNC, ON_BUSY = "async", "async_on_busy"  # ucp_plugin.async_save: background write, commit at a safe point
+BUSY_CHOICES = ("wait", "refuse")
 DS_UNIVERSAL = "load_universal"  # DeepSpeed's own UCP loader (ds_to_universal folders)
 DS_KEYS = ("tag_validation", DS_UNIVERSAL, "use_node_local_storage", "parallel_write",
            "checkpoint_serialization", "writer")
@@ -24,10 +26,20 @@ DS_KEYS = ("tag_validation", DS_UNIVERSAL, "use_node_local_storage", "parallel_w
 @dataclass(frozen=True)
 class UniversalConfig:
     enabled: bool = False
+    asynchronous: bool = False
+    on_busy: str = "wait"
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
             raise ValueError(f'"checkpoint": {{"{UNIVERSAL}": ...}} must be true or false, not {self.enabled!r}')
+        if not isinstance(self.asynchronous, bool):
+            raise ValueError(f'"checkpoint": {{"{ASYNC}": {self.asynchronous!r}}} must be true or false')
+        if self.on_busy not in BUSY_CHOICES:
+            raise ValueError(f'"checkpoint": {{"{ON_BUSY}": {self.on_busy!r}}} must be one of {BUSY_CHOICES} '
+                             "(what a save does while the previous asynchronous save is being written)")
+        if self.asynchronous and not self.enabled:
+            raise ValueError(f'"checkpoint": {{"{ASYNC}": true}} needs "{UNIVERSAL}": true (only universal '
+                             "checkpoints are saved asynchronously by ucp_plugin)")
 
 
 def read_config(param_dict: dict | None) -> UniversalConfig:
@@ -35,30 +47,67 @@ def read_config(param_dict: dict | None) -> UniversalConfig:
     section = (param_dict or {}).get("checkpoint") or {}
     if not isinstance(section, dict):
         raise ValueError(f'DeepSpeed config "checkpoint" must be an object, not {type(section).__name__}')
+    ours = [UNIVERSAL, ASYNC, ON_BUSY]
     for key in section:
-        if key != UNIVERSAL and key not in DS_KEYS and difflib.get_close_matches(key, [UNIVERSAL], 1, 0.75):
+        near = difflib.get_close_matches(key, ours, 1, 0.75)
+        if key not in ours and key not in DS_KEYS and near:
             raise ValueError(f'DeepSpeed config "checkpoint" has unknown key {key!r}; did you mean '
-                             f'"{UNIVERSAL}"? (DeepSpeed ignores unknown keys, so the typo would '
-                             "silently disable universal checkpointing)")
+                             f'"{near[0]}"? (DeepSpeed ignores unknown keys, so the typo would '
+                             "silently be ignored)")
     value = section.get(UNIVERSAL, False)
     if not isinstance(value, bool):
         raise ValueError(f'DeepSpeed config "checkpoint": {{"{UNIVERSAL}": {value!r}}} must be true or false')
     if value and section.get(DS_UNIVERSAL):
         raise UnsupportedError(f'"checkpoint" sets both "{UNIVERSAL}" (ucp_plugin) and "{DS_UNIVERSAL}" '
                                "(DeepSpeed's own converter-based UCP); keep only one")
-    return UniversalConfig(enabled=value)
+    return UniversalConfig(enabled=value, asynchronous=section.get(ASYNC, False),
+                           on_busy=section.get(ON_BUSY, "wait"))
 
 
 def is_enabled(engine) -> bool:
     return read_config(getattr(engine._config, "_param_dict", None)).enabled
 
 
-def _offload(setting, name: str) -> str | None:
+def _device(setting) -> str | None:
     device = getattr(setting, "device", None)
     device = getattr(device, "value", device)
-    if setting is None or device in (None, "none"):
+    return None if setting is None or device in (None, "none") else str(device)
+
+
+def aio_problem() -> str | None:
+    """Why NVMe offload cannot run here (DeepSpeed's async-I/O op does not build), or None."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+        builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+        if builder is not None and builder.is_compatible(verbose=False):
+            return None
+    except Exception as e:  # a broken toolchain is a reason too, not a crash of initialize
+        return f"DeepSpeed's AsyncIOBuilder failed ({type(e).__name__}: {e})"
+    return ("DeepSpeed's async-I/O op (AsyncIOBuilder) is not compatible with this machine (libaio and its "
+            "headers are needed: apt install libaio-dev)")
+
+
+def _offload(setting, name: str) -> str | None:
+    """ZeRO-Offload to CPU keeps DeepSpeed's buffers and optimizer state (DeepSpeedCPUAdam) as without
+    offload, only on the CPU, so it is supported; NVMe swaps them to files and needs the aio op;
+    partial offload ("ratio" < 1) and SuperOffload step some sub-groups in a second optimizer."""
+    device = _device(setting)
+    if device is None:
         return None
-    return f'"zero_optimization.{name}": {{"device": "{device}"}} (set "device": "none")'
+    if device == "nvme":
+        problem = aio_problem()
+        if problem is not None:
+            return (f'"zero_optimization.{name}": {{"device": "nvme"}}: {problem} (use "device": "cpu" '
+                    'or "none")')
+        return (f'"zero_optimization.{name}": {{"device": "nvme"}} (state swapped to NVMe files is not '
+                'mapped yet; use "device": "cpu")')
+    if device != "cpu":
+        return f'"zero_optimization.{name}": {{"device": "{device}"}} (use "cpu" or "none")'
+    if getattr(setting, "ratio", 1.0) < 1.0:
+        return f'"zero_optimization.{name}.ratio" < 1 (partial offload; use 1.0)'
+    if getattr(setting, "super_offload", False):
+        return f'"zero_optimization.{name}.super_offload" (SuperOffload)'
+    return None
 
 
 def _model_parallel_size(engine) -> int:

@@ -8,40 +8,26 @@ holds, as pieces of atoms (docs/FORMAT.md).
 - frozen parameters: the same split (ZeRO-3: each rank's own ``ds_tensor`` elements);
 - buffers, LR scheduler, engine counters, optimizer hyperparameters, loss scaler, client state: rank 0;
 - RNG states: every rank.
+
+With ``"checkpoint": {"universal": true, "async": true}`` the same is snapshotted into host memory and
+written in the background (``ucp_plugin.async_save``).
 """
 from __future__ import annotations
 
 import deepspeed
-import torch
 
 from ..comm import Comm
-from ..errors import UnsupportedError
-from ..format import Atom, Layout, Region, dtype_name, scalar_value
+from ..format import Atom, Layout, Region, dtype_name
 from ..plan import zero as Z
 from ..session import SaveHeader, save_universal
 from ..storage import ShardWriter
 from . import params
 from . import state as S
-from .config import check_engine
+from .config import check_engine, read_config
 from .engine_view import EngineView, base_optimizer, fp32_buffers, inspect_engine
+from .optim_state import split_state
 
 SPLIT = params.SPLIT
-
-
-def split_state(entry: dict, numel: int, where: str) -> tuple[dict, dict]:
-    """Optimizer state of one buffer -> (tensor states of the buffer's length, scalars such as step)."""
-    tensors, scalars = {}, {}
-    for key, value in entry.items():
-        if torch.is_tensor(value) and value.numel() == numel and value.dim() > 0:
-            tensors[key] = value.detach().reshape(-1)
-        elif torch.is_tensor(value) and value.numel() == 1:
-            scalars[key] = scalar_value(value.item())
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            scalars[key] = scalar_value(value)
-        else:
-            raise UnsupportedError(f"{where}: optimizer state {key!r} ({type(value).__name__}) is neither "
-                                   "a per-element tensor nor a scalar; this optimizer is not supported")
-    return tensors, scalars
 
 
 def write_trainable(writer: ShardWriter, engine, view: EngineView) -> None:
@@ -107,5 +93,9 @@ def save_checkpoint(engine, save_dir, tag=None, client_state=None, save_latest=T
             writer.save_state(S.common_state(engine, base, client_state or {}, meta), common=True)
         writer.save_state(S.rank_state())
 
-    save_universal(Comm(), str(save_dir), tag, header, fill, update_latest=save_latest)
+    # "async": true returns once this rank's state is in host memory (ucp_plugin.async_save); the
+    # checkpoint is committed at the next save, load, ucp_plugin.poll() or ucp_plugin.wait()
+    cfg = read_config(engine._config._param_dict)
+    save_universal(Comm(), str(save_dir), tag, header, fill, update_latest=save_latest,
+                   asynchronous=cfg.asynchronous, on_busy=cfg.on_busy)
     return True

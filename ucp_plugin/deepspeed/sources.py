@@ -4,7 +4,8 @@ A *source* offers ``path``, ``atoms`` (name -> ``format.Atom``, pieces left out)
 (flat elements of one atom state), ``common_state()`` (the ``state.py`` schema),
 ``rank_state(rank, world_size)`` (RNG, or None when it cannot apply) and ``bytes()`` (bytes requested
 by ``read`` calls at their stored size, bytes fetched from storage; None where not counted).
-Kinds of folder are registered (``register_source``): the universal format and native DeepSpeed.
+Kinds of folder are registered (``register_source``): the universal format, DeepSpeed's own universal
+folders (``ds_to_universal``) and native DeepSpeed.
 """
 from __future__ import annotations
 
@@ -23,13 +24,16 @@ class UcpSource:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self.path = checkpoint.path
-        self.atoms = {a.name: a for a in checkpoint.manifest.atoms}
-        self.dp, self.tp = checkpoint.manifest.layout.dp, checkpoint.manifest.layout.tp
+        self.atoms = {a.name: a for a in checkpoint.top.atoms}
+        self.dp, self.tp = checkpoint.top.layout.dp, checkpoint.top.layout.tp
         self.requested = 0
 
-    def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    reads_in_place = True  # ``read(..., out=)`` fills the caller's tensor without a temporary
+
+    def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         meta = self.atoms[name]
-        out = self.checkpoint.read_fragment(name, state, Region.whole(meta.shape), start, stop, dtype)
+        out = self.checkpoint.read_fragment(name, state, Region.whole(meta.shape), start, stop, dtype, out=out)
         self.note_request(name, state, stop - start)
         return out
 
@@ -49,7 +53,7 @@ class UcpSource:
         return self.checkpoint.load_state()
 
     def rank_state(self, rank: int, world_size: int) -> dict | None:
-        if self.checkpoint.manifest.state_ranks != world_size or not self.checkpoint.has_state(rank):
+        if self.checkpoint.top.state_ranks != world_size or not self.checkpoint.has_state(rank):
             return None
         return self.checkpoint.load_state(rank)
 
@@ -103,6 +107,21 @@ def _is_native(folder: str) -> bool:
 register_source(SourceKind("ucp", lambda folder: os.path.isfile(os.path.join(folder, MANIFEST)),
                            lambda folder, verify: UcpSource(Checkpoint.open(folder, verify=verify)),
                            f"a universal checkpoint ({MANIFEST})"))
+def _ds_universal(folder: str, verify: bool):
+    from .ds_universal import DsUniversalSource
+
+    return DsUniversalSource(folder)
+
+
+def _is_ds_universal(folder: str) -> bool:
+    from .ds_universal import is_ds_universal
+
+    return is_ds_universal(folder)
+
+
+# before native: a ds_to_universal folder also holds model-states files
+register_source(SourceKind("deepspeed.universal", _is_ds_universal, _ds_universal,
+                           "a DeepSpeed universal folder (zero/optimizer_state.pt)"))
 register_source(SourceKind("deepspeed.native", _is_native, _native, "a DeepSpeed one (*_model_states.pt)"))
 
 

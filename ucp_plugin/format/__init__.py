@@ -22,8 +22,9 @@ Vocabulary, fixed here for the whole package (docs, code and errors use these wo
 - **segment**: the part of a local tensor made of several atoms (a ``Blocks`` split, megatron's
   GroupedMLP) that is one atom's region (``plan.segments``).
 """
-from .manifest import (ATOM_KINDS, FORMAT_VERSION, MANIFEST, WEIGHT_STATE, Atom, FileEntry, Layout, Manifest,
+from .index import DIGEST_BYTES, DIGESTS, ShardIndex
+from .manifest import (ATOM_KINDS, FORMAT_VERSION, INDEX, MANIFEST, WEIGHT_STATE, Atom, FileEntry, Layout, Manifest,
                        Piece, Region, Writer, check_version, dtype_name, scalar_value)
 
-__all__ = ["ATOM_KINDS", "FORMAT_VERSION", "MANIFEST", "Atom", "FileEntry", "Layout", "Manifest", "Piece",
+__all__ = ["ATOM_KINDS", "DIGESTS", "DIGEST_BYTES", "INDEX", "ShardIndex", "FORMAT_VERSION", "MANIFEST", "Atom", "FileEntry", "Layout", "Manifest", "Piece",
            "Region", "Writer", "check_version", "dtype_name", "WEIGHT_STATE", "scalar_value"]

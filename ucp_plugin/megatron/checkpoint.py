@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..async_save import wait as wait_for_async_save
 from ..comm import Comm
 from ..errors import StateMismatchError
 from ..format import WEIGHT_STATE, Atom, Layout, Region, dtype_name
@@ -230,8 +231,11 @@ def model_info(config: ModelConfig, padded_vocab: int | None = None) -> dict:
 def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | None = None,
                    scheduler_state: dict | None = None, extra_state: dict | None = None, *,
                    family: str | None = None, config: ModelConfig | None = None, vocab: int | None = None,
-                   update_latest: bool = True) -> str:
-    """Every rank calls this; returns ``<save_dir>/<tag>``. ``optimizer=None`` saves weights only."""
+                   update_latest: bool = True, async_save: bool = False, on_busy: str = "wait") -> str:
+    """Every rank calls this; returns ``<save_dir>/<tag>``. ``optimizer=None`` saves weights only.
+    ``async_save``: return once this rank's state is in host memory; the folder appears when the save
+    is committed, at the next save or load, ``ucp_plugin.poll()`` or ``ucp_plugin.wait()``
+    (``ucp_plugin.async_save``; ``on_busy`` says what a save does while one is still in flight)."""
     import megatron.core
 
     chunks, comm = as_chunks(model), Comm()
@@ -248,14 +252,15 @@ def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | N
                               common=True)
         writer.save_state(rank_state())
 
-    return run_save(comm, str(save_dir), str(tag), header, fill, update_latest=update_latest)
+    return run_save(comm, str(save_dir), str(tag), header, fill, update_latest=update_latest,
+                    asynchronous=async_save, on_busy=on_busy)
 
 
 # ------------------------------------------------------------------------------------------- load
 
 def check_atoms(ck: Checkpoint, view: RankView) -> None:
     """Every local parameter has its atom(s), with the shape this model expects."""
-    stored = {a.name: a for a in ck.manifest.atoms}
+    stored = {a.name: a for a in ck.top.atoms}
     wanted = [atom for e in view.entries for atom in e.atoms]
     missing = sorted({name for name, _ in wanted if name not in stored})
     if missing:
@@ -263,27 +268,29 @@ def check_atoms(ck: Checkpoint, view: RankView) -> None:
                                  f"lacks, e.g. {missing[:5]}; is it the same model (family "
                                  f"{view.family!r}, {view.config})?")
     bad = [(name, list(stored[name].shape), list(shape)) for name, shape in wanted
-           if tuple(stored[name].shape) != tuple(shape) and not P.holds_padding(ck.manifest, name, shape)]
+           if tuple(stored[name].shape) != tuple(shape) and not P.holds_padding(ck.top, name, shape)]
     if bad:
         raise StateMismatchError(f"{ck.path}: shape mismatch (atom, checkpoint, this model): {bad[:5]}; "
                                  "check the ModelConfig (vocab, ffn, heads, query groups)")
 
 
 def has_optimizer_states(ck: Checkpoint) -> bool:
-    return any(set(a.states) - {"fp32"} for a in ck.manifest.atoms if a.kind == "param")
+    return any(set(a.states) - {"fp32"} for a in ck.top.atoms if a.kind == "param")
 
 
-def read_local(ck: Checkpoint, e: ParamEntry, state: str, start: int, stop: int, dtype) -> torch.Tensor:
-    """Local elements [start, stop) of ``e``'s ``state``, vocabulary padding rows included."""
+def read_local(ck: Checkpoint, e: ParamEntry, state: str, start: int, stop: int, dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Local elements [start, stop) of ``e``'s ``state``, vocabulary padding rows included (into
+    ``out`` when given, with no temporary)."""
     if e.segments:
-        out = torch.zeros(stop - start, dtype=dtype)
+        out = torch.zeros(stop - start, dtype=dtype) if out is None else out.zero_()
         for seg in e.segments:
             cut = seg.overlap(start, stop)
             if cut is not None:
-                out[cut[0] - start:cut[1] - start] = ck.read_fragment(
-                    seg.atom, state, seg.region, cut[0] - seg.offset, cut[1] - seg.offset, dtype, seg.order)
+                ck.read_fragment(seg.atom, state, seg.region, cut[0] - seg.offset, cut[1] - seg.offset, dtype,
+                                 seg.order, out=out[cut[0] - start:cut[1] - start])
         return out
-    out = ck.read_fragment(e.source, state, e.region, start, stop, dtype)
+    out = ck.read_fragment(e.source, state, e.region, start, stop, dtype, out=out)
     P.overlay(ck, e, state, start, out)
     return out
 
@@ -299,7 +306,10 @@ def _load_master(ck: Checkpoint, e: ParamEntry, master: O.Master, weight: torch.
             raise StateMismatchError(f"{ck.path}: parameter {lacking.name!r} has no optimizer state {key!r} "
                                      f"(it has {sorted(lacking.states)}); load with the optimizer that saved "
                                      "it, or without optimizer state")
-        live.copy_(read_local(ck, e, key, master.start, master.stop, live.dtype).view(live.shape))
+        if live.is_contiguous():
+            read_local(ck, e, key, master.start, master.stop, live.dtype, out=live.view(-1))
+        else:
+            live.copy_(read_local(ck, e, key, master.start, master.stop, live.dtype).view(live.shape))
     O.set_scalars(master, _scalars(ck.path, e, atoms))
 
 
@@ -328,7 +338,7 @@ def load_params(ck: Checkpoint, view: RankView, optimizer, with_opt: bool) -> No
 @torch.no_grad()
 def load_buffers(ck: Checkpoint, view: RankView, strict: bool) -> None:
     """Every persistent buffer from its atom (copied into the live buffer, on its device)."""
-    stored = {a.name for a in ck.manifest.atoms if a.kind == "buffer"}
+    stored = {a.name for a in ck.top.atoms if a.kind == "buffer"}
     missing = [b.global_name for b in view.buffers if b.global_name not in stored]
     if missing and strict:
         raise StateMismatchError(f"{ck.path}: the model has buffer(s) the checkpoint lacks: {missing[:5]}; "
@@ -403,13 +413,13 @@ def restore_state(ck: Checkpoint, view: RankView, optimizer, rank: int, with_opt
     scaler = getattr(optimizer, "grad_scaler", None) if with_opt else None
     if scaler is not None and saved_opt.get("grad_scaler"):
         scaler.load_state_dict(saved_opt["grad_scaler"])
-    same = _rng_grid(ck.manifest.layout) == _rng_grid(view.layout)
-    iteration = common.get("iteration", ck.manifest.iteration)
+    same = _rng_grid(ck.top.layout) == _rng_grid(view.layout)
+    iteration = common.get("iteration", ck.top.iteration)
     if same and ck.has_state(rank):
         restore_rank_state(ck.load_state(rank))
     elif common.get("rng_seed") is not None:
         log.info("layout changed (%s -> %s): RNG re-seeded from the saved seed %d at iteration %s",
-                 ck.manifest.layout.describe(), view.layout.describe(), common["rng_seed"], iteration)
+                 ck.top.layout.describe(), view.layout.describe(), common["rng_seed"], iteration)
         reseed(common["rng_seed"], iteration or 0)
     else:
         log.warning("layout changed and the checkpoint records no seed: RNG states are left as they are")
@@ -422,14 +432,15 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
                    strict: bool = True) -> dict:
     """Every rank calls this. Returns {"iteration", "scheduler_state", "extra_state"}. The optimizer
     states are loaded when ``optimizer`` is given and the checkpoint has them."""
+    wait_for_async_save()  # one still in flight is committed first, so `latest` is current
     chunks, comm = as_chunks(model), Comm()
     path = os.path.join(str(load_dir), tag) if tag else str(load_dir)
     ck = comm.run(lambda: Checkpoint.open(path, verify))
     if config is None and not vocab and not megatron_lm_vocab()[0]:
         vocab = comm.run(lambda: P.vocab_to_load(ck, unwrap(chunks[0]).vocab_size))
     view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
-    if (ck.manifest.model or {}).get("config"):  # the manifest records the model: check the layout first
-        comm.run(lambda: validate_layout(ck.manifest, view.layout))
+    if (ck.top.model or {}).get("config"):  # the manifest records the model: check the layout first
+        comm.run(lambda: validate_layout(ck.top, view.layout))
     comm.run(lambda: check_atoms(ck, view))
     with_opt = optimizer is not None and has_optimizer_states(ck)
     if with_opt:
@@ -437,7 +448,7 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
     comm.run(lambda: load_params(ck, view, optimizer, with_opt))
     comm.run(lambda: load_buffers(ck, view, strict))
     used = comm.all_sum(_counted(view))
-    stored = sum(1 for a in ck.manifest.atoms if a.kind in ("param", "frozen") and not a.name.endswith(P.SUFFIX))
+    stored = sum(1 for a in ck.top.atoms if a.kind in ("param", "frozen") and not a.name.endswith(P.SUFFIX))
     if strict and used != stored:
         raise StateMismatchError(f"{ck.path}: the checkpoint has {stored} parameters, this model uses "
                                  f"{used}; inspect both (ucp inspect) or pass strict=False")

@@ -64,10 +64,10 @@ def overlay(ck, e: ParamEntry, state: str, start: int, out: torch.Tensor) -> Non
     real, stop = e.real_numel, start + out.numel()
     if not padded(e) or stop <= real:
         return
-    name, first = _padding_rows(ck.manifest, e)
+    name, first = _padding_rows(ck.top, e)
     if name is None:
         return  # saved without padding rows (or by another tool): they stay zero
-    saved_rows = ck.manifest.atom(name).shape[0] - first
+    saved_rows = ck.top.atom(name).shape[0] - first
     _warn_if_resized(e, saved_rows)
     reg = region(e, saved_rows)
     if reg is None:
@@ -77,7 +77,7 @@ def overlay(ck, e: ParamEntry, state: str, start: int, out: torch.Tensor) -> Non
     saved = (reg.intervals[0][1] - reg.intervals[0][0]) * inner
     lo, hi = max(start, real) - real, min(stop - real, saved)
     if hi > lo:
-        out[lo + real - start:hi + real - start] = ck.read_fragment(name, state, reg, lo, hi, out.dtype)
+        ck.read_fragment(name, state, reg, lo, hi, out.dtype, out=out[lo + real - start:hi + real - start])
 
 
 def _padding_rows(manifest, e: ParamEntry) -> tuple[str | None, int]:
@@ -108,7 +108,7 @@ def vocab_to_load(ck, padded: int) -> int | None:
     """The vocabulary size to load ``ck`` into a model padded to ``padded`` rows, when the caller gave
     none: the true size the checkpoint records, None (the padded rows are the vocabulary) where it
     was saved with the same padded size; a re-cut of the padded rows needs the true size."""
-    model = ck.manifest.model or {}
+    model = ck.top.model or {}
     saved_padded = model.get("padded_vocab")
     if saved_padded is None:
         return (model.get("config") or {}).get("vocab")

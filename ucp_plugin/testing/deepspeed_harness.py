@@ -37,11 +37,12 @@ class EngineLayout:
         return f"tp{self.tp}.dp{self.dp}.zero{self.zero_stage}" + (".bf16" if self.bf16 else "")
 
 
-def ds_config(layout: EngineLayout, settings: TrainSettings) -> dict:
+def ds_config(layout: EngineLayout, settings: TrainSettings, async_save: bool = False) -> dict:
     micro = settings.micro_batches(layout.dp)
     config = {"train_batch_size": settings.global_batch, "train_micro_batch_size_per_gpu": settings.micro_batch,
               "gradient_accumulation_steps": micro, "gradient_clipping": settings.clip_grad,
-              "zero_optimization": {"stage": layout.zero_stage}, "checkpoint": {"universal": True},
+              "zero_optimization": {"stage": layout.zero_stage},
+              "checkpoint": {"universal": True, "async": async_save},
               "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
     if layout.bf16:
         config["bf16"] = {"enabled": True}
@@ -58,8 +59,9 @@ def megatron_param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def setup_engine(family: str, cfg: ModelConfig, layout: EngineLayout, settings: TrainSettings,
-                 reference_init: bool = True):
-    """This rank's DeepSpeed engine around its TP shard of the model."""
+                 reference_init: bool = True, async_save: bool = False):
+    """This rank's DeepSpeed engine around its TP shard of the model (``async_save``: its universal
+    checkpoints are saved asynchronously)."""
     import deepspeed
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -75,7 +77,7 @@ def setup_engine(family: str, cfg: ModelConfig, layout: EngineLayout, settings: 
     optimizer = torch.optim.AdamW(megatron_param_groups(model, settings.weight_decay), lr=settings.lr,
                                   betas=(0.9, 0.95), eps=1e-8)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=MegatronMPU(family, cfg),
-                                      config=ds_config(layout, settings))
+                                      config=ds_config(layout, settings, async_save))
     return engine
 
 

@@ -15,6 +15,15 @@ own helper). Tags are Megatron-LM's (``iter_0000100``, ``release``); the folder'
 is the universal format's own, so Megatron-LM's native loader does not mistake it for its format.
 The process groups and rank overrides are not used: the adapter reads megatron's ``parallel_state``.
 Non-persistent checkpoints and the FSDP2 in-place load are refused (``UnsupportedError``).
+
+``--async-save`` saves asynchronously (``ucp_plugin.async_save``): ``save_checkpoint`` returns once
+this rank's state is in host memory. Megatron-LM's own ``maybe_finalize_async_save`` only knows its
+own queue, so the universal save is committed at the next ``save_checkpoint`` or
+``load_checkpoint``, at ``ucp_plugin.poll()`` / ``ucp_plugin.wait()`` if the training script calls
+them, or at process exit (while the process group is up); until then ``latest`` names the previous
+checkpoint. The dataloader state (``--dataloader-save``) is still written synchronously. Megatron-LM
+0.19's ``validate_args`` turns ``--async-save`` off with a dist-ckpt format unless
+``--use-persistent-ckpt-worker`` is given too: pass both (the worker itself is not used here).
 """
 from __future__ import annotations
 
@@ -49,17 +58,17 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler,
                                "drop --non-persistent-save-interval, or launch without "
                                "--universal-checkpoint")
     save_dir = _required(args, "save")
-    if getattr(args, "async_save", False):
-        log.warning("--async-save: universal checkpoints are saved synchronously")
+    asynchronous = bool(getattr(args, "async_save", False))
     from ...megatron.checkpoint import save_universal
 
     save_universal(model, None if getattr(args, "no_save_optim", False) else optimizer,
                    save_dir, checkpoint_tag(iteration, release), iteration,
                    None if opt_param_scheduler is None else opt_param_scheduler.state_dict(),
                    progress_state(args, num_floating_point_operations_so_far),
-                   family=opts.family)
+                   family=opts.family, async_save=asynchronous)
     _save_dataloader_state(args, train_data_iterator, iteration, tp_group, pp_group, dp_group)
-    log.info("saved universal checkpoint %s/%s", save_dir, checkpoint_tag(iteration, release))
+    log.info("%s universal checkpoint %s/%s", "saving (asynchronously)" if asynchronous else "saved",
+             save_dir, checkpoint_tag(iteration, release))
 
 
 def load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg='load', strict=True,
