@@ -24,6 +24,7 @@ setup(
         "megatron": ["megatron-core>=0.12,<0.17"],
         "recipes": ["matplotlib"],
         "test": ["pytest", "hypothesis"],
+        "hf": ["transformers>=5.0,<6", "accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["ucp=ucp_plugin.cli.main:main"]},
 )

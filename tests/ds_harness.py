@@ -8,7 +8,7 @@ resume that forgets buffers, frozen parameters, optimizer state or the LR schedu
 Batches are a pure function of (seed, global step): every layout sees the same global batch, split
 over ranks and micro-batches (``ds_config`` derives micro-batch x accumulation from the DP size), so
 per-step losses of different layouts agree to rounding. Optimizers: DeepSpeed config AdamW or Adam
-(amsgrad), or a client torch AdamW / SGD with momentum (``train(client=...)``). ``train`` runs inside a worker started by
+(amsgrad) as torch's, DeepSpeed's own AdamW (FusedAdam; DeepSpeedCPUAdam under ZeRO-Offload), or a client torch AdamW / SGD with momentum (``train(client=...)``). ``train`` runs inside a worker started by
 ``ucp_plugin.testing.launcher.run_workers`` and returns JSON values only.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 
 import ucp_plugin
 
-MODEL_DEFAULTS = dict(vocab=37, seq=8, d=18, heads=3, hidden=45, layers=2, tied=False)
+MODEL_DEFAULTS = dict(vocab=37, seq=8, d=18, heads=3, hidden=45, layers=2, tied=False, dropout=0.0)
 
 
 class Block(nn.Module):
@@ -49,8 +49,13 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    def __init__(self, vocab=37, seq=8, d=18, heads=3, hidden=45, layers=2, tied=False):
+    def __init__(self, vocab=37, seq=8, d=18, heads=3, hidden=45, layers=2, tied=False, dropout=0.0,
+                 moving_buffer=True):
         super().__init__()
+        self.drop = nn.Dropout(dropout)  # > 0 only where a test checks that RNG states are restored
+        # False: ``phase`` stays 0, for runs resumed by stock DeepSpeed's universal loading, which
+        # restores no buffer (nor frozen parameter: those resume from the same init seed)
+        self.moving_buffer = moving_buffer
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Parameter(torch.randn(seq, d) * 0.5, requires_grad=False)
         self.register_buffer("phase", torch.zeros(()))
@@ -62,16 +67,17 @@ class TinyGPT(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
-        h = self.wte(x) + self.wpe[:t] * torch.cos(self.phase * 0.7)
+        h = self.drop(self.wte(x) + self.wpe[:t] * torch.cos(self.phase * 0.7))
         for block in self.blocks:
-            h = block(h)
+            h = self.drop(block(h))
         logits = self.head(self.ln_f(h)).float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
 
     @torch.no_grad()
     def tick(self) -> None:
         """Called once per optimizer step, identically on every rank."""
-        self.phase += 1
+        if self.moving_buffer:
+            self.phase += 1
 
 
 def build_model(init_seed: int = 0, **overrides) -> TinyGPT:
@@ -122,10 +128,12 @@ def ds_config(stage: int, dtype: str = "fp32", dp: int = 1, *, global_batch: int
     elif optimizer == "adam":  # torch.optim.Adam with amsgrad: a third state, max_exp_avg_sq
         cfg["optimizer"] = {"type": "Adam", "params": {"lr": lr, "weight_decay": 0.01, "torch_adam": True,
                                                        "adam_w_mode": False, "amsgrad": True}}
+    elif optimizer == "fused":  # DeepSpeed's default: FusedAdam (int step), DeepSpeedCPUAdam under offload
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01}}
     elif optimizer == "client":  # train(client=...) passes a torch optimizer; SGD is "untested" for ZeRO
         cfg["zero_allow_untested_optimizer"] = True
     else:
-        raise ValueError(f"optimizer must be 'adamw', 'adam' (config) or 'client' (torch optimizer), "
+        raise ValueError(f"optimizer must be 'adamw', 'adam', 'fused' (config) or 'client' (torch optimizer), "
                          f"not {optimizer!r}")
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}

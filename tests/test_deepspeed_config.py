@@ -55,11 +55,16 @@ def test_check_engine_names_the_unsupported_setting():
 
     cfg.check_engine(_fake_engine())
     cfg.check_engine(_fake_engine(zero_offload_optimizer=lambda: DeepSpeedZeroOffloadOptimizerConfig(device="none")))
+    cfg.check_engine(_fake_engine(zero_offload_optimizer=lambda: DeepSpeedZeroOffloadOptimizerConfig(device="cpu"),
+                                  zero_offload_param=lambda: DeepSpeedZeroOffloadParamConfig(device="cpu")))
     cases = [
         (dict(fp16_enabled=lambda: True), '"fp16": {"enabled": true}'),
         (dict(bfloat16_enabled=lambda: True, zero_optimization_stage=lambda: 0), '"bf16" with ZeRO stage 0'),
-        (dict(zero_offload_optimizer=lambda: DeepSpeedZeroOffloadOptimizerConfig(device="cpu")),
-         '"zero_optimization.offload_optimizer": {"device": "cpu"}'),
+        (dict(zero_offload_optimizer=lambda: DeepSpeedZeroOffloadOptimizerConfig(device="cpu", ratio=0.5)),
+         '"zero_optimization.offload_optimizer.ratio" < 1'),
+        (dict(zero_offload_optimizer=lambda: DeepSpeedZeroOffloadOptimizerConfig(device="nvme", nvme_path="/x")),
+         '"zero_optimization.offload_optimizer": {"device": "nvme"}: ' if cfg.aio_problem() else
+         '"zero_optimization.offload_optimizer": {"device": "nvme"} (state swapped'),
         (dict(zero_offload_param=lambda: DeepSpeedZeroOffloadParamConfig(device="nvme", nvme_path="/x")),
          '"zero_optimization.offload_param": {"device": "nvme"}'),
         (dict(mp_world_size=2), "model parallelism (mp size 2)"),

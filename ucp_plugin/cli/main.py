@@ -1,4 +1,4 @@
-"""The ``ucp`` command line: inspect, verify, convert, export, validate.
+"""The ``ucp`` command line: inspect, verify, convert, export, import, validate.
 
 Each subcommand parses its flags and calls a library function in ``ucp_plugin.tools`` with plain
 values; no argparse namespace goes into the library. Exit codes: 0 ok, 1 problems found / not
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..errors import UCPError
@@ -30,16 +31,54 @@ def _verify(args) -> int:
 
 
 def _convert(args) -> int:
+    if args.to == "deepspeed":
+        from ..tools.ds_ucp import to_deepspeed
+        out = to_deepspeed(args.path, args.out, progress=sys.stderr.isatty())
+        print(f"wrote DeepSpeed universal checkpoint {out} (resume with \"checkpoint\": {{\"load_universal\": true}})")
+        return 0
+    from ..deepspeed.native import is_native
+    from ..format import MANIFEST
+    if not os.path.isfile(os.path.join(args.path, MANIFEST)) and is_native(args.path):
+        from ..tools.native_convert import convert_native
+        out = convert_native(args.path, args.out, workers=args.workers, progress=sys.stderr.isatty())
+        print(f"wrote universal checkpoint {out} from the native DeepSpeed checkpoint {args.path}")
+        return 0
     from ..tools.convert import convert
     out = convert(args.path, args.out)
     print(f"wrote consolidated checkpoint {out}")
     return 0
 
 
+def _size(text: str) -> int:
+    """``5GB``, ``200MB``, ``512KB`` or a byte count."""
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+    text = text.strip().upper()
+    try:
+        for unit, scale in units.items():
+            if text.endswith(unit):
+                return int(float(text[:-2]) * scale)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 200MB, 1000000)") from None
+
+
 def _export(args) -> int:
+    if args.to == "hf":
+        from ..tools.hf_export import export_hf
+        out = export_hf(args.path, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                        config=args.config, progress=sys.stderr.isatty())
+        print(f"wrote Hugging Face model {out} (AutoModelForCausalLM.from_pretrained)")
+        return 0
     from ..tools.convert import export_weights
     out = export_weights(args.path, args.out, dtype=args.dtype)
     print(f"wrote {out}")
+    return 0
+
+
+def _import(args) -> int:
+    from ..tools.hf_import import import_hf
+    out = import_hf(args.hf_dir, args.out, args.family, progress=sys.stderr.isatty())
+    print(f"wrote weights-only universal checkpoint {out} (family {args.family})")
     return 0
 
 
@@ -62,15 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--no-hashes", action="store_true", help="skip whole-file SHA-256 checks")
     s.set_defaults(fn=_verify)
-    s = sub.add_parser("convert", help="rewrite in consolidated form: one safetensors file per atom")
+    s = sub.add_parser("convert", help="rewrite in consolidated form (one safetensors file per atom), or as "
+                                       "DeepSpeed's universal folder (--to deepspeed)")
     s.add_argument("path")
     s.add_argument("out")
+    s.add_argument("--to", default="consolidated", choices=["consolidated", "deepspeed"],
+                   help="deepspeed: a folder stock DeepSpeed resumes with checkpoint.load_universal")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes converting a native DeepSpeed checkpoint (PATH without ucp.json)")
     s.set_defaults(fn=_convert)
-    s = sub.add_parser("export", help="write the model weights as one safetensors file")
+    s = sub.add_parser("export", help="write the model weights as one safetensors file, or as a Hugging Face "
+                                      "transformers folder (--to hf)")
     s.add_argument("path")
     s.add_argument("out")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--to", default="safetensors", choices=["safetensors", "hf"],
+                   help="safetensors: one file under the checkpoint's names; hf: config.json + model.safetensors")
+    s.add_argument("--max-shard-size", type=_size, default="5GB",
+                   help="--to hf: split the weights into files of at most this size (default 5GB)")
+    s.add_argument("--config", default=None,
+                   help="--to hf, for a checkpoint of an HF model (no family): its config.json")
     s.set_defaults(fn=_export)
+    s = sub.add_parser("import", help="a Hugging Face transformers folder as a weights-only universal "
+                                      "checkpoint the megatron-core adapter loads at any TP/PP/EP")
+    s.add_argument("hf_dir")
+    s.add_argument("out")
+    s.add_argument("--family", required=True, choices=["gpt", "llama", "mixtral"])
+    s.set_defaults(fn=_import)
     s = sub.add_parser("validate", help="can this checkpoint be loaded on a layout? (exit 0/1)")
     s.add_argument("path")
     for flag in ("tp", "pp", "dp", "ep"):

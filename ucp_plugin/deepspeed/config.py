@@ -68,12 +68,46 @@ def is_enabled(engine) -> bool:
     return read_config(getattr(engine._config, "_param_dict", None)).enabled
 
 
-def _offload(setting, name: str) -> str | None:
+def _device(setting) -> str | None:
     device = getattr(setting, "device", None)
     device = getattr(device, "value", device)
-    if setting is None or device in (None, "none"):
+    return None if setting is None or device in (None, "none") else str(device)
+
+
+def aio_problem() -> str | None:
+    """Why NVMe offload cannot run here (DeepSpeed's async-I/O op does not build), or None."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+        builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+        if builder is not None and builder.is_compatible(verbose=False):
+            return None
+    except Exception as e:  # a broken toolchain is a reason too, not a crash of initialize
+        return f"DeepSpeed's AsyncIOBuilder failed ({type(e).__name__}: {e})"
+    return ("DeepSpeed's async-I/O op (AsyncIOBuilder) is not compatible with this machine (libaio and its "
+            "headers are needed: apt install libaio-dev)")
+
+
+def _offload(setting, name: str) -> str | None:
+    """ZeRO-Offload to CPU keeps DeepSpeed's buffers and optimizer state (DeepSpeedCPUAdam) as without
+    offload, only on the CPU, so it is supported; NVMe swaps them to files and needs the aio op;
+    partial offload ("ratio" < 1) and SuperOffload step some sub-groups in a second optimizer."""
+    device = _device(setting)
+    if device is None:
         return None
-    return f'"zero_optimization.{name}": {{"device": "{device}"}} (set "device": "none")'
+    if device == "nvme":
+        problem = aio_problem()
+        if problem is not None:
+            return (f'"zero_optimization.{name}": {{"device": "nvme"}}: {problem} (use "device": "cpu" '
+                    'or "none")')
+        return (f'"zero_optimization.{name}": {{"device": "nvme"}} (state swapped to NVMe files is not '
+                'mapped yet; use "device": "cpu")')
+    if device != "cpu":
+        return f'"zero_optimization.{name}": {{"device": "{device}"}} (use "cpu" or "none")'
+    if getattr(setting, "ratio", 1.0) < 1.0:
+        return f'"zero_optimization.{name}.ratio" < 1 (partial offload; use 1.0)'
+    if getattr(setting, "super_offload", False):
+        return f'"zero_optimization.{name}.super_offload" (SuperOffload)'
+    return None
 
 
 def _model_parallel_size(engine) -> int:

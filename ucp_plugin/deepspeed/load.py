@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
 
 from ..async_save import wait as wait_for_async_save
 from ..comm import Comm
@@ -17,6 +16,7 @@ from ..plan import zero as Z
 from . import state as S
 from .config import check_engine
 from .engine_view import EngineView, base_optimizer, fp32_buffers, inspect_engine
+from .optim_state import restore_entry
 from .sources import has_latest, open_source
 
 log = logging.getLogger(__name__)
@@ -94,20 +94,6 @@ def _one_scalar_each(scalars: dict, b: Z.Buffer) -> dict:
     return out
 
 
-def _set_state(opt, t: torch.Tensor, states: dict, scalars: dict) -> None:
-    entry = opt.state.get(t, {})
-    for key, value in states.items():
-        if not torch.is_tensor(entry.get(key)) or value.data_ptr() != entry[key].data_ptr():
-            entry[key] = value.view(t.shape)  # read into a new tensor (no live state of that size)
-    for key, value in scalars.items():
-        old = entry.get(key)
-        if torch.is_tensor(old):
-            old.fill_(value)
-        else:
-            entry[key] = torch.tensor(float(value), dtype=torch.float32) if key == "step" else value
-    opt.state[t] = entry
-
-
 def load_trainable(engine, view: EngineView, source, with_opt: bool) -> None:
     bufs, opt = fp32_buffers(engine, view.kind), base_optimizer(engine, view.kind)
     trainable = set(view.trainable)
@@ -117,7 +103,7 @@ def load_trainable(engine, view: EngineView, source, with_opt: bool) -> None:
         t = bufs[b.index]
         states, scalars = _read_buffer(source, view, opt, b, t, trainable, with_opt)
         if states:
-            _set_state(opt, t, states, scalars)
+            restore_entry(opt, t, states, scalars)
     if with_opt and hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
         engine.optimizer._hp_optimizer_states_linked = False  # re-link lp params to the new states
 
@@ -212,7 +198,5 @@ def _restore_training_state(engine, view, source, with_opt, load_sched, module_o
     base = base_optimizer(engine, view.kind)
     client = S.restore_common(engine, base, source.common_state(), source.path, optimizer=with_opt,
                               scheduler=load_sched, counters=True)
-    rng = source.rank_state(dist.get_rank(), dist.get_world_size())
-    if rng is not None:
-        S.restore_rank(rng)
+    S.restore_rng(source, engine, view)
     return client

@@ -18,8 +18,9 @@ import pickle
 import torch
 
 from ..errors import FormatError, UnsupportedError
-from ..format import Atom, dtype_name, scalar_value
+from ..format import Atom, dtype_name
 from ..plan import zero as Z
+from .optim_state import is_scalar, scalar
 from .params import SPLIT
 
 DS_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
@@ -68,7 +69,7 @@ def is_native(folder: str) -> bool:
     return bool(glob.glob(os.path.join(folder, "*model_states.pt")))
 
 
-def _model_states_file(folder: str, rank: int) -> str:
+def model_states_file(folder: str, rank: int) -> str:
     for name in (f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
@@ -81,8 +82,11 @@ def _kind(cfg: dict, folder: str) -> tuple[str, str]:
     bf16 = (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False)
     if (cfg.get("fp16") or {}).get("enabled", False):
         raise UnsupportedError(f"{folder}: fp16 DeepSpeed checkpoints are not supported")
-    if zero.get("offload_optimizer") or zero.get("offload_param"):
-        raise UnsupportedError(f"{folder}: checkpoints saved with ZeRO offload are not supported")
+    for key in ("offload_optimizer", "offload_param"):  # CPU offload saves the same files, from the CPU
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in ("none", "cpu", None):
+            raise UnsupportedError(f'{folder}: saved with "zero_optimization.{key}": {{"device": "{device}"}}; '
+                                   "only CPU offload checkpoints are read")
     dtype = "bf16" if bf16 else "fp32"
     accum = (cfg.get("data_types") or {}).get("grad_accum_dtype")
     return Z.optimizer_kind(stage, dtype, accum), dtype
@@ -91,7 +95,7 @@ def _kind(cfg: dict, folder: str) -> tuple[str, str]:
 class NativeSource:
     def __init__(self, folder: str):
         self.path = folder
-        self.model = safe_load(_model_states_file(folder, 0))
+        self.model = safe_load(model_states_file(folder, 0))
         cfg = self.model.get("ds_config") or {}
         self.kind, self.dtype = _kind(cfg, folder)
         self.dp = int(self.model["dp_world_size"])
@@ -139,8 +143,7 @@ class NativeSource:
         states = {"fp32": "float32"}
         states.update({k: dtype_name(v.dtype) for k, v in entry.items()
                        if torch.is_tensor(v) and v.dim() > 0 and v.numel() == size})
-        scalars = {k: scalar_value(v.item())
-                   for k, v in entry.items() if torch.is_tensor(v) and v.dim() == 0}
+        scalars = {k: scalar(v) for k, v in entry.items() if is_scalar(v)}
         return Atom(name, "param", tuple(shape), SPLIT, states, scalars)
 
     def _atoms(self) -> dict[str, Atom]:
@@ -195,8 +198,13 @@ class NativeSource:
                            lambda pl=pl: self._buffer(pl.rank, pl.index, state), f.buffer_offset)
         return out
 
+    def release(self) -> None:
+        """Drop the mapped files read so far (a streaming reader calls this between atoms, so the
+        pages it touched do not accumulate in its memory); they are mapped again when needed."""
+        self._files.clear()
+
     def _model_states(self, rank: int) -> dict:
-        path = _model_states_file(self.path, rank)
+        path = model_states_file(self.path, rank)
         if path not in self._files:
             self._files[path] = safe_load(path)
         return self._files[path]
@@ -217,21 +225,23 @@ class NativeSource:
 
     def common_state(self) -> dict:
         files = self._optim(0)
-        osd = files.get("osd", {})
-        scaler = osd.get("loss_scaler")
-        m = self.model
-        return {"engine": {k: m.get(k) for k in ("global_steps", "global_samples", "skipped_steps")},
-                "lr_scheduler": m.get("lr_scheduler"),
-                "optimizer": {"param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                               for g in files["base"]["param_groups"]],
-                              "wrapper": {k: osd[k] for k in ("dynamic_loss_scale", "overflow", "clip_grad")
-                                          if k in osd},
-                              "loss_scaler": None if scaler is None else
-                              {"class": type(scaler).__name__, "fields": dict(vars(scaler))}},
-                "client_state": {k: v for k, v in m.items() if k not in DS_KEYS}}
+        return common_state(self.model, files["base"]["param_groups"], files.get("osd", {}))
 
     def rank_state(self, rank: int, world_size: int) -> None:
         return None  # DeepSpeed does not save RNG states
 
     def bytes(self) -> None:
         return None  # torch.load maps whole files
+
+
+def common_state(model: dict, param_groups: list, osd: dict) -> dict:
+    """The ``state.py`` schema from a DeepSpeed model-states dict, the base optimizer's param groups and
+    the ZeRO wrapper's state dict (loss scaler, clipping); shared with ``ds_universal``."""
+    scaler = osd.get("loss_scaler")
+    return {"engine": {k: model.get(k) for k in ("global_steps", "global_samples", "skipped_steps")},
+            "lr_scheduler": model.get("lr_scheduler"),
+            "optimizer": {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in param_groups],
+                          "wrapper": {k: osd[k] for k in ("dynamic_loss_scale", "overflow", "clip_grad") if k in osd},
+                          "loss_scaler": None if scaler is None else
+                          {"class": type(scaler).__name__, "fields": dict(vars(scaler))}},
+            "client_state": {k: v for k, v in model.items() if k not in DS_KEYS}}

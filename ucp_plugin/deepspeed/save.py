@@ -15,11 +15,9 @@ written in the background (``ucp_plugin.async_save``).
 from __future__ import annotations
 
 import deepspeed
-import torch
 
 from ..comm import Comm
-from ..errors import UnsupportedError
-from ..format import Atom, Layout, Region, dtype_name, scalar_value
+from ..format import Atom, Layout, Region, dtype_name
 from ..plan import zero as Z
 from ..session import SaveHeader, save_universal
 from ..storage import ShardWriter
@@ -27,24 +25,9 @@ from . import params
 from . import state as S
 from .config import check_engine, read_config
 from .engine_view import EngineView, base_optimizer, fp32_buffers, inspect_engine
+from .optim_state import split_state
 
 SPLIT = params.SPLIT
-
-
-def split_state(entry: dict, numel: int, where: str) -> tuple[dict, dict]:
-    """Optimizer state of one buffer -> (tensor states of the buffer's length, scalars such as step)."""
-    tensors, scalars = {}, {}
-    for key, value in entry.items():
-        if torch.is_tensor(value) and value.numel() == numel and value.dim() > 0:
-            tensors[key] = value.detach().reshape(-1)
-        elif torch.is_tensor(value) and value.numel() == 1:
-            scalars[key] = scalar_value(value.item())
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            scalars[key] = scalar_value(value)
-        else:
-            raise UnsupportedError(f"{where}: optimizer state {key!r} ({type(value).__name__}) is neither "
-                                   "a per-element tensor nor a scalar; this optimizer is not supported")
-    return tensors, scalars
 
 
 def write_trainable(writer: ShardWriter, engine, view: EngineView) -> None:

@@ -4,7 +4,8 @@ A *source* offers ``path``, ``atoms`` (name -> ``format.Atom``, pieces left out)
 (flat elements of one atom state), ``common_state()`` (the ``state.py`` schema),
 ``rank_state(rank, world_size)`` (RNG, or None when it cannot apply) and ``bytes()`` (bytes requested
 by ``read`` calls at their stored size, bytes fetched from storage; None where not counted).
-Kinds of folder are registered (``register_source``): the universal format and native DeepSpeed.
+Kinds of folder are registered (``register_source``): the universal format, DeepSpeed's own universal
+folders (``ds_to_universal``) and native DeepSpeed.
 """
 from __future__ import annotations
 
@@ -106,6 +107,21 @@ def _is_native(folder: str) -> bool:
 register_source(SourceKind("ucp", lambda folder: os.path.isfile(os.path.join(folder, MANIFEST)),
                            lambda folder, verify: UcpSource(Checkpoint.open(folder, verify=verify)),
                            f"a universal checkpoint ({MANIFEST})"))
+def _ds_universal(folder: str, verify: bool):
+    from .ds_universal import DsUniversalSource
+
+    return DsUniversalSource(folder)
+
+
+def _is_ds_universal(folder: str) -> bool:
+    from .ds_universal import is_ds_universal
+
+    return is_ds_universal(folder)
+
+
+# before native: a ds_to_universal folder also holds model-states files
+register_source(SourceKind("deepspeed.universal", _is_ds_universal, _ds_universal,
+                           "a DeepSpeed universal folder (zero/optimizer_state.pt)"))
 register_source(SourceKind("deepspeed.native", _is_native, _native, "a DeepSpeed one (*_model_states.pt)"))
 
 

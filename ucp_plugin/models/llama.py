@@ -5,6 +5,8 @@ linear biases.
 from __future__ import annotations
 
 from ..language import ModelSpec
+from ..language.hf import HfSpec
+from . import _hf as h
 from . import _rules as rb
 from .config import Architecture, ModelConfig, resolve
 
@@ -20,3 +22,15 @@ def spec(config: ModelConfig | None = None, **sizes) -> ModelSpec:
              + rb.mlp_rules(rb.LAYER + r"mlp\.", cfg.ffn, ARCH) + rb.output_rules(cfg))
     return ModelSpec(family=ARCH.family, rules=rules, placements=(rb.LAYER_PLACEMENT,),
                      num_layers=cfg.layers, attributes=rb.attributes(cfg))
+
+
+HF_MODEL_TYPE = "llama"
+HF_FIELDS = {**h.LLAMA_FIELDS, "intermediate_size": "ffn"}
+
+
+def hf_spec(config: ModelConfig | None = None, **sizes) -> HfSpec:
+    """``LlamaForCausalLM``: QKV unfused per query group, fc1 into gate/up."""
+    cfg = resolve(config, sizes)
+    rules = h.llama_common(cfg) + h.swiglu(h.L + "mlp.", "model.layers.{0}.mlp.", cfg.ffn)
+    return HfSpec("LlamaForCausalLM", HF_MODEL_TYPE, HF_FIELDS,
+                  {**h.LLAMA_FIXED, "mlp_bias": False}, rules, {"head_dim": cfg.head_dim}, h.VOCAB_PADDING)

@@ -21,6 +21,8 @@ directly, so block K is the transpose of the SequentialMLP's local ``linear_fc1.
 from __future__ import annotations
 
 from ..language import Blocks, Fused, ModelSpec, Partitioned, Replicated, Rule
+from ..language.hf import HfRule, HfSpec
+from . import _hf as h
 from . import _rules as rb
 from .config import Architecture, ModelConfig, resolve
 
@@ -50,3 +52,23 @@ def spec(config: ModelConfig | None = None, **sizes) -> ModelSpec:
              + expert_rules(cfg) + rb.output_rules(cfg))
     return ModelSpec(family=ARCH.family, rules=rules, placements=(rb.LAYER_PLACEMENT,) + rb.EXPERT_PLACEMENTS,
                      num_layers=cfg.layers, num_experts=cfg.experts, attributes=rb.attributes(cfg))
+
+
+HF_MODEL_TYPE = "mixtral"
+HF_FIELDS = {**h.LLAMA_FIELDS, "intermediate_size": "moe_ffn", "num_local_experts": "experts",
+             "num_experts_per_tok": "topk"}
+
+
+def hf_spec(config: ModelConfig | None = None, **sizes) -> HfSpec:
+    """``MixtralForCausalLM`` (transformers 5): LLaMA attention; the router is ``mlp.gate``; each layer's
+    experts are stacked, fc1 ``[gate; up]`` as ``gate_up_proj [E, 2*ffn, hidden]`` and fc2 as
+    ``down_proj [E, hidden, ffn]`` -- megatron's per-expert atoms unchanged, one per leading index."""
+    cfg = resolve(config, sizes)
+    expert = h.L + "mlp.experts.local_experts.{1}."
+    rules = h.llama_common(cfg) + (
+        HfRule(h.L + "mlp.router.weight", "model.layers.{0}.mlp.gate.weight"),
+        HfRule(expert + "linear_fc1.weight", "model.layers.{0}.mlp.experts.gate_up_proj", stack=1),
+        HfRule(expert + "linear_fc2.weight", "model.layers.{0}.mlp.experts.down_proj", stack=1))
+    return HfSpec("MixtralForCausalLM", HF_MODEL_TYPE, HF_FIELDS, {**h.LLAMA_FIXED, "sliding_window": None,
+                                                             "router_jitter_noise": 0.0}, rules,
+                  {"head_dim": cfg.head_dim}, h.VOCAB_PADDING)

@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from ..errors import FormatError
-from ..format import MANIFEST, FileEntry, Piece, Region
+from ..format import MANIFEST, Atom, FileEntry, Piece, Region
 from ..storage import Checkpoint
 from ..storage.files import atomic_write_text, chunk_digests, save_tensors, sha256_file
 from ..storage.writer import CHUNK_ELEMS
@@ -26,21 +26,33 @@ def _atom_file(name: str) -> str:
     return f"atoms/{name.replace('/', '_')}.safetensors"
 
 
+def write_atom(out: str, atom: Atom, tensors: dict[str, torch.Tensor]) -> tuple[Atom, FileEntry]:
+    """One atom's states as ``atoms/<name>.safetensors`` under ``out`` (the consolidated form): the atom
+    with its pieces, and the file's manifest entry."""
+    flat = {s: t.reshape(-1).contiguous() for s, t in tensors.items()}
+    save_tensors(os.path.join(out, _atom_file(atom.name)), flat)
+    return atom_record(out, atom, flat)
+
+
+def atom_record(out: str, atom: Atom, flat: dict[str, torch.Tensor]) -> tuple[Atom, FileEntry]:
+    """The manifest's view of an atom file already written with these 1-D states."""
+    rel = _atom_file(atom.name)
+    whole = Region.whole(atom.shape)
+    pieces = tuple(Piece(s, rel, s, whole, 0, atom.numel, 0, CHUNK_ELEMS, chunk_digests(t, CHUNK_ELEMS))
+                   for s, t in flat.items())
+    full = os.path.join(out, rel)
+    return replace(atom, pieces=pieces), FileEntry(rel, os.path.getsize(full), sha256_file(full))
+
+
 def convert(path: str, out: str) -> str:
     ck = Checkpoint.open(path)
     _fresh_dir(out)
     os.makedirs(os.path.join(out, "atoms"))
     atoms, files = [], []
     for atom in ck.manifest.atoms:
-        rel = _atom_file(atom.name)
-        tensors = {s: ck.read_atom(atom.name, s).reshape(-1) for s in atom.states}
-        save_tensors(os.path.join(out, rel), tensors)
-        whole = Region.whole(atom.shape)
-        pieces = tuple(Piece(s, rel, s, whole, 0, atom.numel, 0, CHUNK_ELEMS, chunk_digests(t, CHUNK_ELEMS))
-                       for s, t in tensors.items())
-        atoms.append(replace(atom, pieces=pieces))
-        files.append(FileEntry(rel, os.path.getsize(os.path.join(out, rel)),
-                               sha256_file(os.path.join(out, rel))))
+        done, entry = write_atom(out, atom, {s: ck.read_atom(atom.name, s) for s in atom.states})
+        atoms.append(done)
+        files.append(entry)
     for f in ck.manifest.files:
         if f.path.startswith("state/"):
             os.makedirs(os.path.dirname(os.path.join(out, f.path)), exist_ok=True)
