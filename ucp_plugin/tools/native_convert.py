@@ -132,7 +132,6 @@ def convert_native(folder: str, out: str, workers: int = 1, progress: bool = Fal
 
 def _state_files(source, out: str) -> list[FileEntry]:
     """The training state (engine counters, scheduler, optimizer hyperparameters) as ``state/common``."""
-    from ..storage.files import sha256_file
     os.makedirs(os.path.join(out, "state"), exist_ok=True)
     written = save_tree(os.path.join(out, "state", "common"), source.common_state())
-    return [FileEntry(os.path.relpath(p, out), os.path.getsize(p), sha256_file(p)) for p in written]
+    return [FileEntry(os.path.relpath(p, out), size, digest) for p, size, digest in written]
