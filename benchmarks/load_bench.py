@@ -95,6 +95,23 @@ def proc_io() -> dict:
         return {k: int(v) for k, v in (line.split(":") for line in f)}
 
 
+def profiled(fn, label: str):
+    """``fn``, run under cProfile on rank 0 when UCP_BENCH_PROFILE names a folder (stats written there
+    as ``<label>-<n>.prof``; the timing of a profiled run is not comparable)."""
+    folder = os.environ.get("UCP_BENCH_PROFILE")
+    if not folder or os.environ.get("RANK") != "0":
+        return fn
+
+    def run():
+        import cProfile
+        os.makedirs(folder, exist_ok=True)
+        n = len([f for f in os.listdir(folder) if f.startswith(label + "-")])
+        with cProfile.Profile() as prof:
+            fn()
+        prof.dump_stats(os.path.join(folder, f"{label}-{n}.prof"))
+    return run
+
+
 def reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -244,7 +261,8 @@ def load_once(engine, root: str, side: str) -> dict:
         base_rss = proc_status("VmRSS")
         reset_peak_rss()
         io = proc_io()
-        seconds = _timed(lambda: engine.load_checkpoint(os.path.join(root, folder), tag=tag), dist.barrier)
+        seconds = _timed(profiled(lambda: engine.load_checkpoint(os.path.join(root, folder), tag=tag), side),
+                         dist.barrier)
         peak, io_after = proc_status("VmHWM"), proc_io()
     finally:
         logger.removeHandler(report)
@@ -407,6 +425,31 @@ def _mb(n) -> str:
 
 
 def print_report(results: dict) -> None:
+    if "loads" in results:
+        print_deepspeed(results)
+    if "megatron" in results:
+        print_megatron(results["megatron"])
+    for name, p in results["phases"].items():
+        la = p["load_average"]
+        print(f"  phase {name}: {p['wall_seconds']:.0f} s wall, load average {la['min']:.1f}-{la['max']:.1f} "
+              f"(median {la['median']:.1f})")
+
+
+def print_megatron(m: dict) -> None:
+    print(f"\nmegatron-core GPT {m['size']}, fp32, DistributedOptimizer: saved TP2·PP2, loaded TP1·DP4; "
+          f"checkpoint plugin {_mb(m['checkpoint_bytes']['plugin'])}, "
+          f"dist_checkpointing {_mb(m['checkpoint_bytes']['megatron'])}")
+    print(f"save TP2·PP2 (durable): " + ", ".join(f"{side} {med(t):.2f} s" for side, t in m["save"].items()))
+    print(f"{'side':10} {'median s':>9} {'peak RSS/rank':>14} {'RSS before':>11} {'rchar/rank (max)':>17} "
+          f"{'same state':>11}")
+    for side, s in m["loads"].items():
+        print(f"{side:10} {med(s['seconds']):9.2f} {_mb(s['peak_rss_max']):>14} {_mb(s['rss_before_max']):>11} "
+              f"{_mb(max(s['rchar_per_rank'])):>17} {str(s['same_state_as_megatron']):>11}")
+    r = ratio(med(m["loads"]["plugin"]["seconds"]), med(m["loads"]["megatron"]["seconds"]))
+    print(f"  plugin / dist_checkpointing load time: {r:.3f}")
+
+
+def print_deepspeed(results: dict) -> None:
     print(f"\nmodel {results['size']}: {results['model_params'] / 1e6:.1f}M parameters, fp32, AdamW, ZeRO-2 "
           f"saved at DP4; medians of {results['reps']}; checkpoint native "
           f"{_mb(results['checkpoint_bytes']['native'])}, universal {_mb(results['checkpoint_bytes']['universal'])}")
@@ -424,10 +467,6 @@ def print_report(results: dict) -> None:
                   f"{(_mb(max(kept)) if kept else '-'):>10} {str(s['restored']):>9}")
     for t in results["targets"]:
         print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']:.3f}")
-    for name, p in results["phases"].items():
-        la = p["load_average"]
-        print(f"  phase {name}: {p['wall_seconds']:.0f} s wall, load average {la['min']:.1f}-{la['max']:.1f} "
-              f"(median {la['median']:.1f})")
 
 
 def main() -> None:
@@ -437,7 +476,14 @@ def main() -> None:
     ap.add_argument("--root", help="scratch folder for the checkpoints (default /tmp/ucp-load-bench-SIZE)")
     ap.add_argument("--out", help="JSON output (default runs/load_bench-SIZE-TIME.json)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    ap.add_argument("--parts", default="deepspeed,megatron", help="comma-separated: deepspeed, megatron")
+    ap.add_argument("--profile", help="folder for cProfile stats of rank 0's loads (timings then not comparable)")
+    ap.add_argument("--megatron-size", choices=sorted(SIZES), help="model of the megatron part (default --size)")
     args = ap.parse_args()
+    args.megatron_size = args.megatron_size or args.size
+    parts = set(args.parts.split(","))
+    if args.profile:
+        os.environ["UCP_BENCH_PROFILE"] = os.path.abspath(args.profile)
     args.root = os.path.abspath(args.root or f"/tmp/ucp-load-bench-{args.size}")
     out = args.out or os.path.join("runs", f"load_bench-{args.size}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     shutil.rmtree(args.root, ignore_errors=True)
@@ -447,8 +493,12 @@ def main() -> None:
                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
                "deepspeed": deepspeed.__version__, "phases": {}}
     try:
-        deepspeed_part(args, results)
-        results["targets"] = targets(results)
+        if "deepspeed" in parts:
+            deepspeed_part(args, results)
+            results["targets"] = targets(results)
+        if "megatron" in parts:
+            from benchmarks.load_bench_megatron import megatron_part
+            megatron_part(args, results, run_phase)
     finally:
         if not args.keep:
             shutil.rmtree(args.root, ignore_errors=True)
