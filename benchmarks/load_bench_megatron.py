@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from benchmarks.load_bench import _timed, drop_cache, fsync_share, proc_io, proc_status, reset_peak_rss
+from benchmarks.load_bench import _timed, drop_cache, fsync_share, proc_io, proc_status, profiled, reset_peak_rss
 
 SIZES = {  # the same shapes as load_bench.SIZES (megatron pads the vocabulary to a multiple of 128)
     "125m": dict(hidden=768, heads=12, ffn=3072, layers=12, vocab=50257, tied=True, seq_length=32),
@@ -147,7 +147,7 @@ def load_once(run, root: str, side: str) -> dict:
     base_rss = proc_status("VmRSS")
     reset_peak_rss()
     io = proc_io()
-    seconds = _timed(lambda: load(run, os.path.join(root, name)), dist.barrier)
+    seconds = _timed(profiled(lambda: load(run, os.path.join(root, name)), "megatron-" + side), dist.barrier)
     peak, io_after = proc_status("VmHWM"), proc_io()
     return {"side": side, "seconds": seconds, "rss_before": base_rss, "peak_rss": peak,
             "rchar": io_after["rchar"] - io["rchar"], "read_bytes": io_after["read_bytes"] - io["read_bytes"],
