@@ -469,6 +469,44 @@ def print_deepspeed(results: dict) -> None:
         print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']:.3f}")
 
 
+def _rss(s: dict) -> str:
+    return f"peak RSS {_mb(s['peak_rss_max'])} (+{_mb(s['peak_rss_max'] - s['rss_before_max'])} during the load)"
+
+
+def markdown(results: dict) -> str:
+    """The tables of docs/BENCHMARKS.md from one run's JSON."""
+    lines = []
+    if "loads" in results:
+        save, conv = results["save"], med(results["convert"])
+        lines += ["| step | plugin | DeepSpeed native | DeepSpeed `ds_to_universal` + `load_universal` |",
+                  "|---|---|---|---|",
+                  f"| save at DP4, durable | {med(save['universal']):.2f} s | {med(save['native']):.2f} s | "
+                  f"(native save) + {conv:.2f} s conversion |"]
+        for dp, sides in results["loads"].items():
+            other = "native" if "native" in sides else "ds_universal"
+            p, o = sides["plugin"], sides[other]
+            cells = {"native": "", "ds_universal": ""}
+            cells[other] = (f"{o['median_seconds']:.2f} s, {_rss(o)}, read "
+                            f"{_mb(max(o['rchar_per_rank']))}/rank")
+            kept, read = max(p["plugin_requested_per_rank"]), max(p["plugin_fetched_per_rank"])
+            lines.append(f"| load DP4 → {dp} | {p['median_seconds']:.2f} s, {_rss(p)}, "
+                         f"read {_mb(read)} / kept {_mb(kept)} per rank | {cells['native'] or '—'} | "
+                         f"{cells['ds_universal'] or '—'} |")
+        lines += ["", "| target | measured | |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['value']:.2f} | {'met' if t['met'] else '**missed**'} |"
+                  for t in results["targets"]]
+    if "megatron" in results:
+        m = results["megatron"]
+        lines += ["", "| megatron GPT, TP2·PP2 → TP1·DP4 | plugin | megatron `dist_checkpointing` (fully_reshardable) |",
+                  "|---|---|---|",
+                  f"| save at TP2·PP2, durable | {med(m['save']['plugin']):.2f} s | {med(m['save']['megatron']):.2f} s |"]
+        p, o = m["loads"]["plugin"], m["loads"]["megatron"]
+        lines += [f"| load at TP1·DP4 | {med(p['seconds']):.2f} s | {med(o['seconds']):.2f} s |",
+                  f"| peak RSS per loading rank | {_rss(p)} | {_rss(o)} |",
+                  f"| checkpoint size | {_mb(m['checkpoint_bytes']['plugin'])} | {_mb(m['checkpoint_bytes']['megatron'])} |"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="125m")
@@ -477,9 +515,14 @@ def main() -> None:
     ap.add_argument("--out", help="JSON output (default runs/load_bench-SIZE-TIME.json)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     ap.add_argument("--parts", default="deepspeed,megatron", help="comma-separated: deepspeed, megatron")
+    ap.add_argument("--report", help="print the markdown tables of an earlier run's JSON and exit")
     ap.add_argument("--profile", help="folder for cProfile stats of rank 0's loads (timings then not comparable)")
     ap.add_argument("--megatron-size", choices=sorted(SIZES), help="model of the megatron part (default --size)")
     args = ap.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            print(markdown(json.load(f)))
+        return
     args.megatron_size = args.megatron_size or args.size
     parts = set(args.parts.split(","))
     if args.profile:
