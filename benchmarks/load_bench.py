@@ -44,6 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 SIZES = {  # GPT-2 small and medium shapes (tied embedding, 1024 positions)
     "125m": dict(vocab=50257, seq=1024, d_model=768, heads=12, layers=12, ffn=3072),
     "350m": dict(vocab=50257, seq=1024, d_model=1024, heads=16, layers=24, ffn=4096),
+    "40m": dict(vocab=32000, seq=1024, d_model=512, heads=8, layers=8, ffn=2048),
     "smoke": dict(vocab=1000, seq=64, d_model=64, heads=4, layers=2, ffn=256),  # checks the script only
 }
 TOKENS = 32  # sequence length of the one training step (the step only has to create Adam states)
@@ -110,6 +111,14 @@ def profiled(fn, label: str):
             fn()
         prof.dump_stats(os.path.join(folder, f"{label}-{n}.prof"))
     return run
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads): unlike wall time, barely moved by
+    other jobs competing for the cores."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def reset_peak_rss() -> None:
@@ -260,13 +269,13 @@ def load_once(engine, root: str, side: str) -> dict:
         dist.barrier()
         base_rss = proc_status("VmRSS")
         reset_peak_rss()
-        io = proc_io()
+        io, cpu = proc_io(), cpu_seconds()
         seconds = _timed(profiled(lambda: engine.load_checkpoint(os.path.join(root, folder), tag=tag), side),
                          dist.barrier)
-        peak, io_after = proc_status("VmHWM"), proc_io()
+        peak, io_after, cpu = proc_status("VmHWM"), proc_io(), cpu_seconds() - cpu
     finally:
         logger.removeHandler(report)
-    return {"side": side, "seconds": seconds, "rss_before": base_rss, "peak_rss": peak,
+    return {"side": side, "seconds": seconds, "cpu_seconds": cpu, "rss_before": base_rss, "peak_rss": peak,
             "rchar": io_after["rchar"] - io["rchar"], "read_bytes": io_after["read_bytes"] - io["read_bytes"],
             "plugin_bytes": report.last, "sums": _sums(engine)}
 
@@ -315,7 +324,17 @@ def run_phase(results: dict, name: str, fn):
         start = time.perf_counter()
         value = fn()
     results["phases"][name] = {"wall_seconds": time.perf_counter() - start, "load_average": la.summary()}
+    results["phases"][name]["raw"] = value  # every rank's figures, written at once: a run cut short keeps them
+    _write(results)
     return value
+
+
+def _write(results: dict) -> None:
+    out = results["out"]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(out + ".tmp", out)
 
 
 def convert(root: str, reps: int) -> list[float]:
@@ -351,6 +370,7 @@ def summarise_loads(rows: list[list[dict]], saved: dict) -> dict:
         out[side] = {
             "seconds": [ls[0]["seconds"] for ls in loads],
             "median_seconds": med([ls[0]["seconds"] for ls in loads]),
+            "median_cpu_seconds_max_rank": med([max(r.get("cpu_seconds", float("nan")) for r in ls) for ls in loads]),
             "peak_rss_max": med([max(r["peak_rss"] for r in ls) for ls in loads]),
             "rss_before_max": med([max(r["rss_before"] for r in ls) for ls in loads]),
             "rchar_per_rank": [r["rchar"] for r in loads[-1]],
@@ -532,7 +552,7 @@ def main() -> None:
     shutil.rmtree(args.root, ignore_errors=True)
     os.makedirs(args.root)
     import deepspeed
-    results = {"size": args.size, "reps": args.reps, "command": " ".join(sys.argv), "cpus": os.cpu_count(),
+    results = {"out": out, "size": args.size, "reps": args.reps, "command": " ".join(sys.argv), "cpus": os.cpu_count(),
                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
                "deepspeed": deepspeed.__version__, "phases": {}}
     try:
@@ -545,9 +565,7 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(args.root, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
+    _write(results)
     print_report(results)
     print(f"\nwrote {out}")
 

@@ -14,11 +14,12 @@ import time
 
 import torch
 
-from benchmarks.load_bench import _timed, drop_cache, fsync_share, proc_io, proc_status, profiled, reset_peak_rss
+from benchmarks.load_bench import _timed, cpu_seconds, drop_cache, fsync_share, proc_io, proc_status, profiled, reset_peak_rss
 
 SIZES = {  # the same shapes as load_bench.SIZES (megatron pads the vocabulary to a multiple of 128)
     "125m": dict(hidden=768, heads=12, ffn=3072, layers=12, vocab=50257, tied=True, seq_length=32),
     "350m": dict(hidden=1024, heads=16, ffn=4096, layers=24, vocab=50257, tied=True, seq_length=32),
+    "40m": dict(hidden=512, heads=8, ffn=2048, layers=8, vocab=32000, tied=True, seq_length=32),
     "smoke": dict(hidden=64, heads=4, ffn=256, layers=4, vocab=1000, tied=True, seq_length=32),
 }
 SAVE_LAYOUT, LOAD_LAYOUT = dict(tp=2, pp=2, dp=1), dict(tp=1, pp=1, dp=4)
@@ -146,10 +147,10 @@ def load_once(run, root: str, side: str) -> dict:
     dist.barrier()
     base_rss = proc_status("VmRSS")
     reset_peak_rss()
-    io = proc_io()
+    io, cpu = proc_io(), cpu_seconds()
     seconds = _timed(profiled(lambda: load(run, os.path.join(root, name)), "megatron-" + side), dist.barrier)
-    peak, io_after = proc_status("VmHWM"), proc_io()
-    return {"side": side, "seconds": seconds, "rss_before": base_rss, "peak_rss": peak,
+    peak, io_after, cpu = proc_status("VmHWM"), proc_io(), cpu_seconds() - cpu
+    return {"side": side, "seconds": seconds, "cpu_seconds": cpu, "rss_before": base_rss, "peak_rss": peak,
             "rchar": io_after["rchar"] - io["rchar"], "read_bytes": io_after["read_bytes"] - io["read_bytes"],
             "sums": _sums(run)}
 
@@ -179,6 +180,7 @@ def megatron_part(args, results: dict, run_phase) -> None:
     results["megatron"] = {
         "size": args.megatron_size, "save": saves[0]["times"],
         "loads": {side: {"seconds": [ls[0]["seconds"] for ls in ld],
+                         "cpu_seconds_max_rank": [max(r["cpu_seconds"] for r in ls) for ls in ld],
                          "peak_rss_max": sorted(max(r["peak_rss"] for r in ls) for ls in ld)[len(ld) // 2],
                          "rss_before_max": max(r["rss_before"] for ls in ld for r in ls),
                          "rchar_per_rank": [r["rchar"] for r in ld[-1]],
