@@ -35,23 +35,27 @@ def test_wrong_shape_and_dtype_are_named(tmp_path):
     assert all("\n" not in p for p in problems)
 
 
-def test_missing_rank_is_refused_on_open(tmp_path):
+def test_missing_rank_is_refused_on_read(tmp_path):
+    """Opening reads the top manifest only (format 1.1); the first read that needs a missing or
+    damaged file names it."""
     write_tp2_dp2(str(tmp_path))
     step = tmp_path / "step1"
     os.remove(step / "shards" / "rank-00002.safetensors")
-    os.remove(step / "index" / "rank-00002.json")
     with pytest.raises(FormatError, match=r"rank-00002.safetensors: tensor file is missing; the checkpoint is "
                                           r"incomplete — re-save it or restore the file"):
-        Checkpoint.open(str(tmp_path))
+        Checkpoint.open(str(tmp_path)).read_atom("w", "fp32")
+    os.remove(step / "index" / "rank-00002.json")
+    with pytest.raises(FormatError, match=r"rank-00002.json: shard index is missing"):
+        Checkpoint.open(str(tmp_path)).read_atom("w", "fp32")
     assert any("rank-00002.json: listed in the manifest but missing" in p for p in _problems(tmp_path))
 
 
-def test_truncated_file_is_refused_on_open(tmp_path):
+def test_truncated_file_is_refused_on_read(tmp_path):
     write_tp2_dp2(str(tmp_path))
     with open(tmp_path / "step1" / "shards" / "rank-00001.safetensors", "r+b") as f:
         f.truncate(40)
     with pytest.raises(FormatError, match=r"rank-00001.safetensors: not a readable safetensors file .*truncated"):
-        Checkpoint.open(str(tmp_path))
+        Checkpoint.open(str(tmp_path)).read_atom("w", "fp32")
 
 
 def test_corrupt_manifest_and_state(tmp_path):
@@ -76,5 +80,5 @@ def test_our_reader_never_unpickles(tmp_path, monkeypatch):
     with open(tmp_path / "step1" / "shards" / "rank-00000.safetensors", "wb") as f:
         pickle.dump(_Evil(), f)
     with pytest.raises(FormatError, match="not a readable safetensors file"):
-        Checkpoint.open(str(tmp_path))
+        Checkpoint.open(str(tmp_path)).read_atom("w", "fp32")
     assert not (tmp_path / "PWNED").exists()

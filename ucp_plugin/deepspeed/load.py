@@ -21,17 +21,46 @@ from .sources import has_latest, open_source
 log = logging.getLogger(__name__)
 
 
-def _buffer_states(source, view: EngineView, b: Z.Buffer, trainable: set, with_opt: bool):
-    """fp32 master, optimizer states and scalars of one buffer, assembled from its fragments."""
-    pmap = view.params
-    fp32 = torch.zeros(b.numel, dtype=torch.float32)
+def _gaps(b: Z.Buffer, names: set) -> list[tuple[int, int]]:
+    """Element ranges of buffer ``b`` that no fragment of ``names`` fills (padding, frozen)."""
+    out, cur = [], 0
+    for f in sorted((f for f in b.fragments if f.name in names), key=lambda f: f.buffer_offset):
+        if f.buffer_offset > cur:
+            out.append((cur, f.buffer_offset))
+        cur = max(cur, f.buffer_offset + f.length)
+    return out + ([(cur, b.numel)] if cur < b.numel else [])
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 1-D view sharing its storage (engine buffers are contiguous)."""
+    if not t.is_contiguous():
+        raise UnsupportedError(f"a DeepSpeed optimizer buffer of shape {tuple(t.shape)} is not contiguous; "
+                               "this DeepSpeed version lays out its buffers differently")
+    return t.view(-1)
+
+
+def _state_buffer(opt, t: torch.Tensor, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """Where optimizer state ``key`` of buffer ``t`` is read into: the live state tensor when it has
+    the right size (DeepSpeed's views of it, optim_fragment, stay valid), else a new one. Never a
+    zero-filled temporary: the fragments fill it and ``_gaps`` zeroes the rest."""
+    live = opt.state.get(t, {}).get(key)
+    if torch.is_tensor(live) and live.numel() == t.numel() and live.is_contiguous():
+        return live.view(-1)
+    return torch.empty(t.numel(), dtype=dtype, device=t.device)
+
+
+@torch.no_grad()
+def _read_buffer(source, view: EngineView, opt, b: Z.Buffer, t: torch.Tensor, trainable: set,
+                 with_opt: bool) -> tuple[dict, dict]:
+    """Read buffer ``b``'s fp32 master straight into the engine's tensor ``t`` and its optimizer
+    states into their live tensors; returns (states, scalars) to install."""
+    pmap, flat = view.params, _flat(t)
     states, steps, keys = {}, {}, None
     for f in b.fragments:
         if f.name not in trainable:
             continue
-        lo, hi = f.param_offset, f.param_offset + f.length
-        fp32[f.buffer_offset:f.buffer_offset + f.length] = pmap.read_weight(source, f.name, lo, hi,
-                                                                            torch.float32)
+        lo, hi, at = f.param_offset, f.param_offset + f.length, slice(f.buffer_offset, f.buffer_offset + f.length)
+        pmap.read_weight(source, f.name, lo, hi, t.dtype, out=flat[at])
         meta = pmap.atom(source, f.name)
         if not with_opt or meta.kind != "param":
             continue
@@ -41,11 +70,15 @@ def _buffer_states(source, view: EngineView, b: Z.Buffer, trainable: set, with_o
                                      f"parameter of the same ZeRO buffer {keys}; cannot merge them")
         keys = mine
         for key in mine:
-            dst = states.setdefault(key, torch.zeros(b.numel, dtype=getattr(torch, meta.states[key])))
-            dst[f.buffer_offset:f.buffer_offset + f.length] = pmap.read(source, f.name, key, lo, hi, dst.dtype)
+            if key not in states:
+                states[key] = _state_buffer(opt, t, key, getattr(torch, meta.states[key]))
+            pmap.read(source, f.name, key, lo, hi, states[key].dtype, out=states[key][at])
         for k, v in meta.scalars.items():
             steps.setdefault(k, {})[f.name] = v
-    return fp32, states, _one_scalar_each(steps, b)
+    for lo, hi in _gaps(b, trainable):
+        for dst in (flat, *states.values()):
+            dst[lo:hi].zero_()
+    return states, _one_scalar_each(steps, b)
 
 
 def _one_scalar_each(scalars: dict, b: Z.Buffer) -> dict:
@@ -63,11 +96,8 @@ def _one_scalar_each(scalars: dict, b: Z.Buffer) -> dict:
 def _set_state(opt, t: torch.Tensor, states: dict, scalars: dict) -> None:
     entry = opt.state.get(t, {})
     for key, value in states.items():
-        value = value.view(t.shape)
-        if torch.is_tensor(entry.get(key)) and entry[key].shape == value.shape:
-            entry[key].copy_(value)  # keeps DeepSpeed's views of the state (optim_fragment) valid
-        else:
-            entry[key] = value
+        if not torch.is_tensor(entry.get(key)) or value.data_ptr() != entry[key].data_ptr():
+            entry[key] = value.view(t.shape)  # read into a new tensor (no live state of that size)
     for key, value in scalars.items():
         old = entry.get(key)
         if torch.is_tensor(old):
@@ -83,10 +113,8 @@ def load_trainable(engine, view: EngineView, source, with_opt: bool) -> None:
     for b in view.layout.for_rank(view.rank):
         if not any(f.name in trainable for f in b.fragments) and view.kind == Z.PER_PARAM:
             continue
-        fp32, states, scalars = _buffer_states(source, view, b, trainable, with_opt)
         t = bufs[b.index]
-        with torch.no_grad():
-            t.copy_(fp32.view(t.shape).to(t.dtype))
+        states, scalars = _read_buffer(source, view, opt, b, t, trainable, with_opt)
         if states:
             _set_state(opt, t, states, scalars)
     if with_opt and hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
@@ -105,7 +133,7 @@ def load_frozen(engine, view: EngineView, source) -> None:
                 ps = Z.zero3_partition_numel(numel, view.dp)
                 lo, hi = min(view.rank * ps, numel), min((view.rank + 1) * ps, numel)
                 if hi > lo:
-                    p.ds_tensor[:hi - lo].copy_(view.params.read_weight(source, name, lo, hi, p.ds_tensor.dtype))
+                    view.params.read_weight(source, name, lo, hi, p.ds_tensor.dtype, out=p.ds_tensor[:hi - lo])
             elif p.numel():
                 p.copy_(view.params.read_weight(source, name, 0, p.numel(), p.dtype).view(p.shape))
 

@@ -27,6 +27,16 @@ def _some(names: list) -> str:
     return ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+def read_into(source, out, *args) -> torch.Tensor:
+    """``source.read(*args)``, copied into ``out`` when given; a source that reads in place
+    (``reads_in_place``: the universal reader) fills ``out`` directly, with no temporary."""
+    if out is None:
+        return source.read(*args)
+    if getattr(source, "reads_in_place", False):
+        return source.read(*args, out=out)
+    return out.copy_(source.read(*args))
+
+
 class ParamMap:
     """Plain DeepSpeed: local name = atom name, whole tensor, written once. Subclasses (bindings)
     override every method; ``view`` is the adapter's ``EngineView``."""
@@ -60,12 +70,13 @@ class ParamMap:
     def has(self, source, name: str) -> bool:
         return name in source.atoms
 
-    def read(self, source, name: str, state: str, start: int, stop: int, dtype) -> torch.Tensor:
-        """Local elements [start, stop) of ``name``'s ``state``."""
-        return source.read(name, state, start, stop, dtype)
+    def read(self, source, name: str, state: str, start: int, stop: int, dtype, out=None) -> torch.Tensor:
+        """Local elements [start, stop) of ``name``'s ``state`` (into ``out`` when given: 1-D, any
+        dtype, typically a slice of the engine's buffer)."""
+        return read_into(source, out, name, state, start, stop, dtype)
 
-    def read_weight(self, source, name: str, start: int, stop: int, dtype) -> torch.Tensor:
-        return self.read(source, name, WEIGHT[self.atom(source, name).kind], start, stop, dtype)
+    def read_weight(self, source, name: str, start: int, stop: int, dtype, out=None) -> torch.Tensor:
+        return self.read(source, name, WEIGHT[self.atom(source, name).kind], start, stop, dtype, out)
 
     def check(self, source, view, strict: bool) -> None:
         """Every parameter/buffer of the model is in the checkpoint with the same shape (and, when

@@ -19,13 +19,16 @@ class UcpSource:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self.path = checkpoint.path
-        self.atoms = {a.name: a for a in checkpoint.manifest.atoms}
-        self.dp, self.tp = checkpoint.manifest.layout.dp, checkpoint.manifest.layout.tp
+        self.atoms = {a.name: a for a in checkpoint.top.atoms}
+        self.dp, self.tp = checkpoint.top.layout.dp, checkpoint.top.layout.tp
         self.requested = 0
 
-    def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    reads_in_place = True  # ``read(..., out=)`` fills the caller's tensor without a temporary
+
+    def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         meta = self.atoms[name]
-        out = self.checkpoint.read_fragment(name, state, Region.whole(meta.shape), start, stop, dtype)
+        out = self.checkpoint.read_fragment(name, state, Region.whole(meta.shape), start, stop, dtype, out=out)
         self.note_request(name, state, stop - start)
         return out
 
@@ -45,7 +48,7 @@ class UcpSource:
         return self.checkpoint.load_state()
 
     def rank_state(self, rank: int, world_size: int) -> dict | None:
-        if self.checkpoint.manifest.state_ranks != world_size or not self.checkpoint.has_state(rank):
+        if self.checkpoint.top.state_ranks != world_size or not self.checkpoint.has_state(rank):
             return None
         return self.checkpoint.load_state(rank)
 

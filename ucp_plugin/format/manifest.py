@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 from ..errors import FormatError
 
 FORMAT_NAME = "ucp"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: pieces in per-shard indexes, chunk digests inside the shard files
 MANIFEST = "ucp.json"
+INDEX = "index/rank-{rank:05d}.json"
 ATOM_KINDS = ("param", "frozen", "buffer")
 
 
@@ -94,6 +95,7 @@ class Piece:
     replica: int = 0
     chunk_elems: int = 1 << 16
     digests: tuple[str, ...] = ()
+    digest_at: int = -1  # 1.1: first chunk's position in the shard's digest tensor (-1: ``digests``)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,11 @@ class Atom:
     states: dict[str, str]
     scalars: dict[str, float | int] = field(default_factory=dict)
     pieces: tuple[Piece, ...] = ()
+    # 1.1: where the pieces are, so a reader opens only the shard indexes it needs: (rank, region
+    # number in ``regions``, start, stop) = that rank's index lists pieces of this atom within
+    # local elements [start, stop) of that region
+    shards: tuple[tuple[int, int, int, int], ...] = ()
+    regions: tuple[Region, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -141,6 +148,7 @@ class Manifest:
     state_ranks: int = 0
     model: dict = field(default_factory=dict)
     format_version: str = FORMAT_VERSION
+    index: str | None = None  # 1.1: where the shard indexes are (INDEX); None: pieces are in the atoms
 
     def atom(self, name: str) -> Atom:
         index = self.__dict__.get("_index")
@@ -152,14 +160,22 @@ class Manifest:
         except KeyError:
             raise KeyError(name) from None
 
+    @property
+    def indexed(self) -> bool:
+        """True when pieces live in per-shard indexes (format 1.1) rather than in the atoms."""
+        return self.index is not None
+
     def to_json(self) -> str:
+        atoms = [_atom_json(a, self.indexed) for a in self.atoms]
         d = {"format": FORMAT_NAME, "format_version": self.format_version,
              "writer": asdict(self.writer), "layout": asdict(self.layout), "family": self.family,
-             "iteration": self.iteration, "model": self.model, "atoms": [asdict(a) for a in self.atoms],
+             "iteration": self.iteration, "model": self.model, "atoms": atoms,
              "files": [asdict(f) for f in self.files],
              "state": {"common": "state/common", "per_rank": "state/rank-{rank:05d}",
                        "ranks": self.state_ranks}}
-        return json.dumps(d, indent=1)
+        if self.indexed:
+            d["index"] = self.index
+        return json.dumps(d, indent=None if self.indexed else 1, separators=(",", ":") if self.indexed else None)
 
     @staticmethod
     def from_json(text: str, where: str = MANIFEST) -> "Manifest":
@@ -168,6 +184,38 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise FormatError(f"{where}: not valid JSON ({e}); the checkpoint is corrupt") from None
         return _decode(d, where)
+
+
+def _atom_json(a: Atom, indexed: bool) -> dict:
+    d = asdict(a)
+    if indexed:
+        del d["pieces"]
+    else:
+        del d["shards"], d["regions"]
+        d["pieces"] = [piece_json(p) for p in a.pieces]
+    return d
+
+
+def piece_json(p: Piece) -> dict:
+    """A piece as stored: 1.0 pieces carry hex ``digests``, 1.1 pieces a ``digest_at``."""
+    d = asdict(p)
+    d.pop("digests" if p.digest_at >= 0 else "digest_at")
+    return d
+
+
+def decode_piece(p: dict, where: str) -> Piece:
+    return _decode_piece(p, where)
+
+
+def decode_atom(a: dict, where: str) -> Atom:
+    return _decode_atom(a, where)
+
+
+def _index_path(value, where: str) -> str | None:
+    if value is not None and value != INDEX:
+        raise FormatError(f"{where}: index {value!r} is not {INDEX!r}, the only shard-index layout this "
+                          "ucp_plugin reads")
+    return value
 
 
 def check_version(version: object, where: str) -> None:
@@ -197,16 +245,24 @@ def _required(f) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
 
 
+def _decode_region(r: dict, where: str) -> Region:
+    r = r or {}
+    return _build(Region, {**r, "intervals": tuple(tuple(i) for i in r.get("intervals", ()))}, where, "region")
+
+
 def _decode_piece(p: dict, where: str) -> Piece:
-    r = p.get("region") or {}
-    region = _build(Region, {**r, "intervals": tuple(tuple(i) for i in r.get("intervals", ()))},
-                    where, "piece region")
+    region = _decode_region(p.get("region"), where)
     return _build(Piece, {**p, "region": region, "digests": tuple(p.get("digests", ()))}, where, "piece")
 
 
 def _decode_atom(a: dict, where: str) -> Atom:
     pieces = tuple(_decode_piece(p, where) for p in a.get("pieces", ()))
-    atom = _build(Atom, {**a, "shape": tuple(a.get("shape", ())), "pieces": pieces}, where, "atom")
+    regions = tuple(_decode_region(r, where) for r in a.get("regions", ()))
+    shards = tuple(tuple(int(x) for x in s) for s in a.get("shards", ()))
+    if any(len(s) != 4 or not 0 <= s[1] < len(regions) for s in shards):
+        raise FormatError(f"{where}: atom {a.get('name')!r} has a bad 'shards' entry; the manifest is damaged")
+    atom = _build(Atom, {**a, "shape": tuple(a.get("shape", ())), "pieces": pieces, "shards": shards,
+                         "regions": regions}, where, "atom")
     if atom.kind not in ATOM_KINDS:
         raise FormatError(f"{where}: atom {atom.name!r} has unknown kind {atom.kind!r}")
     return atom
@@ -225,4 +281,5 @@ def _decode(d: dict, where: str) -> Manifest:
                     atoms=tuple(_decode_atom(a, where) for a in d.get("atoms", ())),
                     files=tuple(_build(FileEntry, f, where, "file entry") for f in d.get("files", ())),
                     family=d.get("family"), iteration=d.get("iteration"),
-                    state_ranks=int(state.get("ranks", 0)), model=dict(d.get("model") or {}), format_version=str(d["format_version"]))
+                    state_ranks=int(state.get("ranks", 0)), model=dict(d.get("model") or {}),
+                    format_version=str(d["format_version"]), index=_index_path(d.get("index"), where))

@@ -227,7 +227,7 @@ def save_universal(model, optimizer, save_dir: str, tag: str, iteration: int | N
 
 def check_atoms(ck: Checkpoint, view: RankView) -> None:
     """Every local parameter has its atom(s), with the shape this model expects."""
-    stored = {a.name: a for a in ck.manifest.atoms}
+    stored = {a.name: a for a in ck.top.atoms}
     wanted = [atom for e in view.entries for atom in e.atoms]
     missing = sorted({name for name, _ in wanted if name not in stored})
     if missing:
@@ -242,20 +242,22 @@ def check_atoms(ck: Checkpoint, view: RankView) -> None:
 
 
 def has_optimizer_states(ck: Checkpoint) -> bool:
-    return any(set(a.states) - {"fp32"} for a in ck.manifest.atoms if a.kind == "param")
+    return any(set(a.states) - {"fp32"} for a in ck.top.atoms if a.kind == "param")
 
 
-def read_local(ck: Checkpoint, e: ParamEntry, state: str, start: int, stop: int, dtype) -> torch.Tensor:
-    """Local elements [start, stop) of ``e``'s ``state``, vocabulary padding rows included."""
+def read_local(ck: Checkpoint, e: ParamEntry, state: str, start: int, stop: int, dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Local elements [start, stop) of ``e``'s ``state``, vocabulary padding rows included (into
+    ``out`` when given, with no temporary)."""
     if e.segments:
-        out = torch.zeros(stop - start, dtype=dtype)
+        out = torch.zeros(stop - start, dtype=dtype) if out is None else out.zero_()
         for seg in e.segments:
             cut = seg.overlap(start, stop)
             if cut is not None:
-                out[cut[0] - start:cut[1] - start] = ck.read_fragment(
-                    seg.atom, state, seg.region, cut[0] - seg.offset, cut[1] - seg.offset, dtype, seg.order)
+                ck.read_fragment(seg.atom, state, seg.region, cut[0] - seg.offset, cut[1] - seg.offset, dtype,
+                                 seg.order, out=out[cut[0] - start:cut[1] - start])
         return out
-    out = ck.read_fragment(e.source, state, e.region, start, stop, dtype)
+    out = ck.read_fragment(e.source, state, e.region, start, stop, dtype, out=out)
     P.overlay(ck, e, state, start, out)
     return out
 
@@ -271,7 +273,10 @@ def _load_master(ck: Checkpoint, e: ParamEntry, master: O.Master, weight: torch.
             raise StateMismatchError(f"{ck.path}: parameter {lacking.name!r} has no optimizer state {key!r} "
                                      f"(it has {sorted(lacking.states)}); load with the optimizer that saved "
                                      "it, or without optimizer state")
-        live.copy_(read_local(ck, e, key, master.start, master.stop, live.dtype).view(live.shape))
+        if live.is_contiguous():
+            read_local(ck, e, key, master.start, master.stop, live.dtype, out=live.view(-1))
+        else:
+            live.copy_(read_local(ck, e, key, master.start, master.stop, live.dtype).view(live.shape))
     O.set_scalars(master.state, _scalars(ck.path, e, atoms))
 
 
@@ -345,13 +350,13 @@ def restore_state(ck: Checkpoint, view: RankView, optimizer, rank: int, with_opt
     scaler = getattr(optimizer, "grad_scaler", None) if with_opt else None
     if scaler is not None and saved_opt.get("grad_scaler"):
         scaler.load_state_dict(saved_opt["grad_scaler"])
-    same = _rng_grid(ck.manifest.layout) == _rng_grid(view.layout)
+    same = _rng_grid(ck.top.layout) == _rng_grid(view.layout)
     if same and ck.has_state(rank):
         restore_rank_state(ck.load_state(rank))
     else:
-        log.info("layout changed (%s -> %s): RNG states are not restored", ck.manifest.layout.describe(),
+        log.info("layout changed (%s -> %s): RNG states are not restored", ck.top.layout.describe(),
                  view.layout.describe())
-    return {"iteration": common.get("iteration", ck.manifest.iteration),
+    return {"iteration": common.get("iteration", ck.top.iteration),
             "scheduler_state": common.get("scheduler"), "extra_state": common.get("extra")}
 
 
@@ -364,15 +369,15 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
     view = comm.run(lambda: inspect_model(chunks, optimizer, family, config, vocab))
     path = os.path.join(str(load_dir), tag) if tag else str(load_dir)
     ck = comm.run(lambda: Checkpoint.open(path, verify))
-    if (ck.manifest.model or {}).get("config"):  # the manifest records the model: check the layout first
-        comm.run(lambda: validate_layout(ck.manifest, view.layout))
+    if (ck.top.model or {}).get("config"):  # the manifest records the model: check the layout first
+        comm.run(lambda: validate_layout(ck.top, view.layout))
     comm.run(lambda: check_atoms(ck, view))
     with_opt = optimizer is not None and has_optimizer_states(ck)
     if with_opt:
         O.ensure_state(optimizer)
     comm.run(lambda: load_params(ck, view, optimizer, with_opt))
     used = comm.all_sum(_counted(view))
-    stored = sum(1 for a in ck.manifest.atoms if a.kind in WEIGHT and not a.name.endswith(P.SUFFIX))
+    stored = sum(1 for a in ck.top.atoms if a.kind in WEIGHT and not a.name.endswith(P.SUFFIX))
     if strict and used != stored:
         raise StateMismatchError(f"{ck.path}: the checkpoint has {stored} parameters, this model uses "
                                  f"{used}; inspect both (ucp inspect) or pass strict=False")

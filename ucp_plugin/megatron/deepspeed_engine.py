@@ -126,10 +126,10 @@ class MegatronParamMap(ParamMap):
     def has(self, source, name: str) -> bool:
         return self.entries[name].source in source.atoms
 
-    def read(self, source, name: str, state: str, start: int, stop: int, dtype) -> torch.Tensor:
+    def read(self, source, name: str, state: str, start: int, stop: int, dtype, out=None) -> torch.Tensor:
         e = self.entries[name]
         source.note_request(e.source, state, stop - start)  # padding rows: same dtype, its own atom
-        return read_local(source.checkpoint, e, state, start, stop, dtype)
+        return read_local(source.checkpoint, e, state, start, stop, dtype, out)
 
     def check(self, source, view, strict: bool) -> None:
         ck = getattr(source, "checkpoint", None)
@@ -145,7 +145,7 @@ class MegatronParamMap(ParamMap):
             raise StateMismatchError(f"{ck.path}: the model's buffers {lost[:5]} are not in the checkpoint; "
                                      "load a checkpoint of this model")
         used = {e.source for e in self.entries.values()}
-        stored = {a.name for a in ck.manifest.atoms
+        stored = {a.name for a in ck.top.atoms
                   if a.kind in ("param", "frozen") and not a.name.endswith(PADDING_SUFFIX)}
         if strict and stored - used:
             raise StateMismatchError(f"{ck.path}: the checkpoint has parameters this model lacks: "

@@ -34,7 +34,7 @@ def read_manifest(source) -> Manifest:
     if isinstance(source, Manifest):
         return source
     if isinstance(source, Checkpoint):
-        return source.manifest
+        return source.top
     folder = resolve(str(source))
     where = os.path.join(folder, MANIFEST)
     with open(where) as f:

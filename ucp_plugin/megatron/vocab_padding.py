@@ -59,7 +59,7 @@ def overlay(ck, e: ParamEntry, state: str, start: int, out: torch.Tensor) -> Non
         return
     name = atom_name(e.source)
     try:
-        atom = ck.manifest.atom(name)
+        atom = ck.top.atom(name)
     except KeyError:
         return  # saved without padding rows (or by another tool): they stay zero
     _warn_if_resized(e, atom.shape[0])
@@ -70,7 +70,7 @@ def overlay(ck, e: ParamEntry, state: str, start: int, out: torch.Tensor) -> Non
     saved = (reg.intervals[0][1] - reg.intervals[0][0]) * inner
     lo, hi = max(start, real) - real, min(stop - real, saved)
     if hi > lo:
-        out[lo + real - start:hi + real - start] = ck.read_fragment(name, state, reg, lo, hi, out.dtype)
+        ck.read_fragment(name, state, reg, lo, hi, out.dtype, out=out[lo + real - start:hi + real - start])
 
 
 def _warn_if_resized(e: ParamEntry, saved_rows: int) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import FormatError
 from ..format import treecodec
@@ -54,11 +54,76 @@ def chunk_digests(t: torch.Tensor, chunk_elems: int) -> tuple[str, ...]:
                  for i in range(0, max(flat.numel(), 1), chunk_elems))
 
 
-def save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors file, fsynced. Tensors must not share storage (callers pass clones/slices)."""
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-    with open(path, "rb+") as f:
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Written:
+    """What ``write_tensors`` wrote: the file's size and SHA-256, and per tensor its chunk digests
+    (32 raw bytes each), all computed from the bytes as they were written."""
+    bytes: int
+    sha256: str
+    digests: dict
+
+
+def write_tensors(path: str, tensors: dict[str, torch.Tensor], chunks: dict[str, int] | None = None,
+                  digest_key: str | None = None) -> Written:
+    """Write a safetensors file, fsynced, hashing every byte as it is written (never re-read): the
+    whole file's SHA-256 and, for each key in ``chunks``, the SHA-256 of its consecutive
+    ``chunks[key]``-element chunks. With ``digest_key`` those chunk digests (32 raw bytes each, in
+    the order of ``tensors``) are stored in the same file as a last uint8 tensor of that name."""
+    chunks = chunks or {}
+    flats = {k: v.detach().reshape(-1).contiguous() for k, v in tensors.items()}
+    n_digests = sum(_n_chunks(flats[k].numel(), c) for k, c in chunks.items())
+    layout = [(k, _NAMES[t.dtype], t.numel(), t.numel() * t.element_size()) for k, t in flats.items()]
+    if digest_key:
+        layout.append((digest_key, "U8", 32 * n_digests, 32 * n_digests))
+    header, offset = {}, 0
+    for k, dtype, numel, n in layout:
+        header[k] = {"dtype": dtype, "shape": [numel], "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    whole, digests = hashlib.sha256(), {}
+    with open(path, "wb") as f:
+        for part in (len(text).to_bytes(8, "little"), text):
+            f.write(part)
+            whole.update(part)
+        for k, t in flats.items():
+            digests[k] = _write_hashed(f, whole, tensor_bytes(t), chunks.get(k, 0) * t.element_size())
+        if digest_key:
+            _write_hashed(f, whole, b"".join(d for k in flats if k in chunks for d in digests[k]), 0)
+        f.flush()
         os.fsync(f.fileno())
+        size = f.tell()
+    return Written(size, whole.hexdigest(), digests)
+
+
+def _n_chunks(numel: int, chunk: int) -> int:
+    return max(1, -(-numel // chunk))
+
+
+def _write_hashed(f, whole, data, chunk_bytes: int) -> list[bytes]:
+    """Write ``data``; SHA-256 of each ``chunk_bytes`` chunk (none when 0) and of the file so far.
+    An empty tensor has one chunk (the digest of no bytes), as ``chunk_digests`` counts."""
+    step = chunk_bytes or (1 << 24)
+    out = []
+    for i in range(0, max(len(data), 1), step):
+        part = data[i:i + step]
+        f.write(part)
+        whole.update(part)
+        if chunk_bytes:
+            out.append(hashlib.sha256(part).digest())
+    return out
+
+
+def save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> Written:
+    """safetensors file, fsynced; returns its size and SHA-256 (computed while writing)."""
+    return write_tensors(path, tensors)
 
 
 def open_tensors(path: str):
@@ -73,35 +138,37 @@ def open_tensors(path: str):
                           "corrupt — re-save the checkpoint") from None
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
 class MappedTensors:
     """A safetensors file mapped copy-on-write: ``flat(key)`` is a zero-copy 1-D view of one tensor,
     so a reader copies exactly the elements it needs and the OS reads only the pages they lie on.
     The header is checked (dtypes, bounds, sizes) before any view is made; the mapping keeps the
     file's inode alive even if the folder is replaced later."""
 
-    def __init__(self, path: str):
-        if not os.path.isfile(path):
-            raise FormatError(f"{path}: tensor file is missing; the checkpoint is incomplete — re-save it or "
-                              "restore the file")
-        self.path, size = path, os.path.getsize(path)
+    def __init__(self, path: str, dir_fd: int | None = None):
+        """``path`` relative to the folder open as ``dir_fd`` when given (a pinned folder)."""
         try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if not 0 < n <= size - 8:
-                    raise ValueError(f"header length {n} does not fit the file's {size} bytes")
-                header = json.loads(f.read(n))
+            fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise FormatError(f"{path}: tensor file is missing; the checkpoint is incomplete — re-save it or "
+                              "restore the file") from None
+        with os.fdopen(fd, "rb") as f:
+            self._parse(path, f)
+
+    def _parse(self, path: str, f) -> None:
+        self.path, size = path, os.fstat(f.fileno()).st_size
+        try:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+            header = json.loads(f.read(n))
             header.pop("__metadata__", None)
             self._entries = {k: self._entry(k, v, size - 8 - n) for k, v in header.items()}
         except (ValueError, KeyError, TypeError) as e:
             raise FormatError(f"{path}: not a readable safetensors file ({e}); the file is truncated or "
                               "corrupt — re-save the checkpoint") from None
         self._base = 8 + n
-        self._map = np.memmap(path, dtype=np.uint8, mode="c") if self._entries else None
+        self.header_bytes = self._base
+        self._map = np.memmap(f, dtype=np.uint8, mode="c") if self._entries else None
 
     @staticmethod
     def _entry(key: str, info: dict, data_bytes: int) -> tuple[torch.dtype, int, int]:
@@ -125,15 +192,18 @@ class MappedTensors:
         return raw.view(dtype)
 
 
-def save_tree(stem: str, obj) -> list[str]:
-    """Write a state tree as ``stem.json`` (+ ``stem.safetensors`` if it holds tensors)."""
+def save_tree(stem: str, obj) -> list[tuple[str, int, str]]:
+    """Write a state tree as ``stem.json`` (+ ``stem.safetensors`` if it holds tensors); returns
+    (path, bytes, sha256) of each file written, hashed as written."""
     tree, tensors = treecodec.encode(obj, where=os.path.basename(stem))
     written = []
     if tensors:
-        save_tensors(stem + ".safetensors", tensors)
-        written.append(stem + ".safetensors")
-    atomic_write_text(stem + ".json", json.dumps(tree))
-    return written + [stem + ".json"]
+        w = save_tensors(stem + ".safetensors", tensors)
+        written.append((stem + ".safetensors", w.bytes, w.sha256))
+    text = json.dumps(tree)
+    atomic_write_text(stem + ".json", text)
+    data = text.encode()
+    return written + [(stem + ".json", len(data), hashlib.sha256(data).hexdigest())]
 
 
 def load_tree(stem: str):

@@ -1,28 +1,27 @@
 """Reading a universal checkpoint: any fragment of any layout, fetching only the bytes it needs.
 
 ``Checkpoint.open(path)`` accepts a checkpoint folder (with ``ucp.json``) or a save folder with a
-``latest`` file. ``read_fragment`` fills one target fragment from whichever stored pieces overlap
-it, reading for each piece only the chunk-aligned span that covers the overlap and verifying those
-chunks' SHA-256 (``verify=False`` skips it).
+``latest`` file and reads its top manifest only. ``plan`` turns a ``plan.ReadItem`` into a
+``plan.ReadPlan`` (reading just the shard indexes of its atom); ``execute`` carries it out: each
+fetch read once from the memory-mapped shard, its chunks' SHA-256 checked (``verify=False`` skips
+it and reads exactly the copied elements), copied straight into the destination, large plans on a
+small thread pool. ``read_fragment`` is the two in one call.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
 import torch
 
 from ..errors import FormatError, StateMismatchError
-from ..format import MANIFEST, Atom, Manifest, Piece, Region
-from ..language import split_from_json
-from ..plan import IDENTITY, TRANSPOSED, apply, intersect, runs, transposed_rects
-from .files import MappedTensors, load_tree, read_latest, tensor_bytes
-
-
-def _inode(folder: str) -> int | None:
-    try:
-        return os.stat(folder).st_ino
-    except FileNotFoundError:
-        return None
+from ..format import DIGEST_BYTES, DIGESTS, MANIFEST, Atom, Manifest, Piece, Region
+from ..plan import IDENTITY, TRANSPOSED, intersect, runs, transposed_rects
+from ..plan.reads import Copy, Fetch, ReadItem, ReadPlan, plan_read
+from .files import load_tree, read_latest, tensor_bytes
+from .folder import PinnedFolder
 
 
 def resolve(path: str) -> str:
@@ -48,88 +47,171 @@ def resolve(path: str) -> str:
                       "folder with 'latest'")
 
 
+READ_THREADS = int(os.environ.get("UCP_READ_THREADS", "4"))
+PARALLEL_ELEMS = 1 << 22  # below ~16 MB of fp32 a thread pool costs more than it saves
+
+
+def _copy(c: Copy, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """One (strided) copy, converting dtype and device as ``copy_`` does."""
+    if c.count == 1:
+        dst[c.dst:c.dst + c.length].copy_(src[c.src:c.src + c.length])
+        return
+    if dst.stride(0) != 1 or src.stride(0) != 1:
+        for i in range(c.count):
+            dst[c.dst + i * c.dst_stride:][:c.length].copy_(src[c.src + i * c.src_stride:][:c.length])
+        return
+    d = dst.as_strided((c.count, c.length), (c.dst_stride, 1), dst.storage_offset() + c.dst)
+    d.copy_(src.as_strided((c.count, c.length), (c.src_stride, 1), src.storage_offset() + c.src))
+
+
+def _overlaps(atom: Atom, shard: tuple[int, int, int, int], item: ReadItem) -> bool:
+    """Whether the pieces a shard index holds of ``atom`` (``Atom.shards`` entry) can hold elements
+    of ``item``: same region, overlapping ranges; another region, any common atom element."""
+    _, r, lo, hi = shard
+    region = atom.regions[r]
+    if region == item.region:
+        return lo < item.stop and item.start < hi
+    return intersect(runs(item.region, atom.shape, item.start, item.stop), runs(region, atom.shape, lo, hi)).total > 0
+
+
+def _destination(out: torch.Tensor | None, n: int, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if out is None:
+        return torch.empty(n, dtype=dtype)
+    if out.dim() != 1 or out.numel() != n:
+        raise ValueError(f"reading {name!r}: destination has shape {tuple(out.shape)}, expected ({n},)")
+    return out
+
+
 class Checkpoint:
-    def __init__(self, path: str, manifest: Manifest, verify: bool = True):
-        self.path, self.manifest, self.verify = path, manifest, verify
-        self._handles: dict[str, object] = {}
+    """A committed checkpoint opened for reading. ``top`` is its top manifest (layout, atom table,
+    no pieces in format 1.1); ``atom(name)`` adds the atom's pieces, read from the shard indexes
+    that hold them; ``manifest`` is the whole thing (every index read: for tools, not for loads)."""
+
+    def __init__(self, folder: PinnedFolder, verify: bool = True):
+        self.folder, self.path, self.top, self.verify = folder, folder.path, folder.top, verify
+        self._atoms: dict[str, Atom] = {}
+        self._manifest: Manifest | None = None
         self.bytes_read = 0
 
     @staticmethod
     def open(path: str, verify: bool = True) -> "Checkpoint":
-        """Open a committed checkpoint and map all its tensor files at once. A save that publishes a
-        new checkpoint under the same tag swaps the folder (a new inode); mapping the files while
-        the folder is unchanged pins one consistent version even if it is replaced later."""
+        """Open a committed checkpoint: reads its top manifest and nothing else. The folder is pinned
+        (``storage.folder``): a save that publishes a new checkpoint under the same tag later does
+        not change what this object reads."""
         for _ in range(10):
-            folder = resolve(path)
-            inode = os.stat(folder).st_ino
-            where = os.path.join(folder, MANIFEST)
-            with open(where) as f:
-                manifest = Manifest.from_json(f.read(), where)
-            ck = Checkpoint(folder, manifest, verify)
-            try:
-                for rel in sorted({p.file for a in manifest.atoms for p in a.pieces}):
-                    ck._handle(rel)
-            except FormatError:
-                if _inode(folder) == inode:
-                    raise
-                continue
-            if _inode(folder) == inode:
-                return ck
+            folder = PinnedFolder.open(resolve(path))
+            if folder is not None:
+                return Checkpoint(folder, verify)
         raise FormatError(f"{path}: the checkpoint kept changing while being opened (another job is "
                           "saving into it); retry when that save is done")
 
-    def atom(self, name: str) -> Atom:
+    @property
+    def files_opened(self) -> list[str]:
+        """Tensor files this reader has opened, in order."""
+        return list(self.folder.files_opened)
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Bytes of metadata read: top manifest, shard indexes, tensor headers, chunk digests."""
+        return self.folder.metadata_bytes
+
+    @property
+    def manifest(self) -> Manifest:
+        """The whole manifest, every atom with its pieces and every file listed (reads every shard
+        index of a 1.1 checkpoint)."""
+        if self._manifest is None:
+            if not self.top.indexed:
+                self._manifest = self.top
+            else:
+                atoms = tuple(self.atom(a.name) for a in self.top.atoms)
+                self._manifest = replace(self.top, atoms=atoms, files=self.folder.all_files(self.verify))
+        return self._manifest
+
+    def atom(self, name: str, item: ReadItem | None = None) -> Atom:
+        """Atom ``name`` with its pieces; with ``item``, only the pieces of the shard indexes that
+        may overlap it (format 1.1: the others are not read)."""
+        key = name if item is None else item
+        if key in self._atoms:
+            return self._atoms[key]
         try:
-            return self.manifest.atom(name)
+            atom = self.top.atom(name)
         except KeyError:
             raise StateMismatchError(f"parameter {name!r} is not in checkpoint {self.path}; the model "
                                      "has a parameter the checkpoint lacks (a different model or "
                                      "config?)") from None
+        if self.top.indexed:
+            ranks = sorted({s[0] for s in atom.shards if item is None or _overlaps(atom, s, item)})
+            pieces = [p for r in ranks for p in self.folder.index(r, self.verify).of(name)]
+            atom = replace(atom, pieces=tuple(pieces))
+        if item is None:
+            self._atoms[key] = atom
+        return atom
 
     def _handle(self, rel: str):
-        if rel not in self._handles:
-            self._handles[rel] = MappedTensors(os.path.join(self.path, rel))
-        return self._handles[rel]
+        return self.folder.tensors(rel)
 
     def close(self) -> None:
-        self._handles.clear()
+        self.folder.close()
 
     def read_fragment(self, name: str, state: str, region: Region, start: int, stop: int,
-                      dtype: torch.dtype = torch.float32, order: str = IDENTITY) -> torch.Tensor:
+                      dtype: torch.dtype = torch.float32, order: str = IDENTITY,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
         """Local elements ``[start, stop)`` of ``region`` of atom ``name``'s ``state``, the local
         tensor taken in ``order`` (``plan.blocks``: "transposed" for a GroupedMLP block). Padding
-        elements (vocabulary padding) are zero."""
+        elements (vocabulary padding) are zero. With ``out`` (1-D, ``stop - start`` elements, any
+        dtype and device: typically a slice of the engine's own buffer) the elements are copied
+        straight into it and it is returned; nothing else is allocated."""
+        out = _destination(out, stop - start, dtype, name)
         if order == TRANSPOSED:
-            return self._read_transposed(name, state, region, start, stop, dtype)
+            return self._read_transposed(name, state, region, start, stop, out)
         if order != IDENTITY:
             raise ValueError(f"reading {name!r}: unknown local order {order!r}")
-        atom = self.atom(name)
-        if state not in atom.states:
-            raise StateMismatchError(f"parameter {name!r} has no state {state!r} in {self.path} "
-                                     f"(it has {sorted(atom.states)})")
-        out = torch.zeros(stop - start, dtype=dtype)
-        target = runs(region, atom.shape, start, stop)
-        pieces = [p for p in atom.pieces if p.state == state]
-        reduce = split_from_json(atom.split).reduce if atom.split.get("kind") == "replicated" else "first"
-        replicas = sorted({p.replica for p in pieces}) if reduce != "first" else [0]
-        filled = 0
-        acc = None
-        for replica in replicas:
-            part = torch.zeros_like(out) if len(replicas) > 1 else out
-            filled = self._fill(atom, [p for p in pieces if p.replica == replica], target, part)
-            acc = self._combine(name, reduce, acc, part)
-        if filled != target.total:
-            raise FormatError(f"{self.path}: the pieces of {name!r} state {state!r} cover {filled} of the "
-                              f"{target.total} elements asked for; the checkpoint is incomplete")
-        if len(replicas) > 1:
-            out.copy_(acc / len(replicas) if reduce == "average" else acc)
-        return out
+        return self.execute(self.plan(ReadItem(name, state, region, start, stop)), out)
 
-    def _read_transposed(self, name, state, region, start, stop, dtype) -> torch.Tensor:
+    def plan(self, item: ReadItem) -> ReadPlan:
+        """The read plan for ``item`` (reads the shard indexes naming its atom, no tensor bytes)."""
+        return plan_read(self.atom(item.atom, item), item, self.verify, self.path)
+
+    def execute(self, plan: ReadPlan, out: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Fill ``out`` (1-D, the item's length; allocated in ``dtype`` when None) per ``plan``:
+        each fetch read once, verified, copied straight into ``out`` (on its device)."""
+        out = _destination(out, plan.item.numel, dtype, plan.item.atom)
+        if plan.padded:
+            out.zero_()  # padding elements belong to no atom element: zero, as documented
+        if len(plan.replicas) == 1:
+            self._run(plan.replicas[0], out)
+            return out
+        acc = None
+        for fetches in plan.replicas:
+            part = torch.zeros_like(out)
+            self._run(fetches, part)
+            acc = self._combine(plan.item.atom, plan.reduce, acc, part)
+        return out.copy_(acc / len(plan.replicas) if plan.reduce == "average" else acc)
+
+    def _run(self, fetches: tuple[Fetch, ...], out: torch.Tensor) -> None:
+        big = sum(f.elements for f in fetches) >= PARALLEL_ELEMS and len(fetches) > 1
+        if big:  # file reads, hashing and tensor copies release the GIL
+            with ThreadPoolExecutor(min(READ_THREADS, len(fetches))) as pool:
+                self.bytes_read += sum(pool.map(lambda f: self._fetch(f, out), fetches))
+        else:
+            self.bytes_read += sum(self._fetch(f, out) for f in fetches)
+
+    def _fetch(self, f: Fetch, out: torch.Tensor) -> int:
+        """One fetch: read (and verify) its range, copy it out; returns the bytes read."""
+        data = self._view(f.piece)[f.lo:f.hi]
+        if f.verify:
+            self._check_chunks(f.piece, data, f.lo)
+        for c in f.copies:
+            _copy(c, data, out)
+        return f.elements * data.element_size()
+
+    def _read_transposed(self, name, state, region, start, stop, out: torch.Tensor) -> torch.Tensor:
         """Each rectangle of the range read in canonical order, scattered with one strided copy."""
-        out = torch.zeros(stop - start, dtype=dtype)
+        if not out.is_contiguous():
+            raise ValueError(f"reading {name!r} transposed: the destination must be contiguous")
         for r in transposed_rects(region, self.atom(name).shape, start, stop):
-            rect = self.read_fragment(name, state, r.region, r.start, r.stop, dtype)
+            rect = self.read_fragment(name, state, r.region, r.start, r.stop, out.dtype)
             out.as_strided((r.cols, r.rows), (r.stride, 1), r.offset).copy_(rect.view(r.rows, r.cols).t())
         return out
 
@@ -142,22 +224,6 @@ class Checkpoint:
                               "reduce='average' or 'first' in the model spec if that is expected")
         return acc + part if reduce == "average" else acc
 
-    def _fill(self, atom: Atom, pieces: list[Piece], target, out: torch.Tensor) -> int:
-        filled = 0
-        for piece in pieces:
-            plan = intersect(target, runs(piece.region, atom.shape, piece.start, piece.stop))
-            if not len(plan):
-                continue
-            if self.verify:  # a chunk's hash covers the whole chunk: fetch every chunk a copy touches
-                for lo, hi, part in plan.read_spans(piece.chunk_elems, piece.stop - piece.start):
-                    apply(part, self._read(piece, lo, hi, out.dtype), out, src_base=lo)
-            else:  # copy straight out of the mapping: exactly the elements needed are fetched
-                data = self._view(piece)
-                apply(plan, data, out)
-                self.bytes_read += plan.total * data.element_size()
-            filled += plan.total
-        return filled
-
     def _view(self, piece: Piece) -> torch.Tensor:
         """The whole stored piece, a zero-copy view of the mapped file (nothing fetched yet)."""
         data = self._handle(piece.file).flat(piece.key)
@@ -167,23 +233,27 @@ class Checkpoint:
                               "another checkpoint — re-save it")
         return data
 
-    def _read(self, piece: Piece, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
-        """Elements [lo, hi) of a piece, counted as fetched and, with ``verify``, checked."""
-        data = self._view(piece)[lo:hi]
-        self.bytes_read += data.numel() * data.element_size()
-        if self.verify:
-            self._check_chunks(piece, data, lo)
-        return data.to(dtype)
-
     def _check_chunks(self, piece: Piece, data: torch.Tensor, lo: int) -> None:
         c = piece.chunk_elems
         for i in range(0, data.numel(), c):
             k = (lo + i) // c
-            digest = hashlib.sha256(tensor_bytes(data[i:i + c])).hexdigest()
-            if k >= len(piece.digests) or digest != piece.digests[k]:
+            digest = hashlib.sha256(tensor_bytes(data[i:i + c])).digest()
+            if digest != self._digest(piece, k):
                 raise FormatError(f"{os.path.join(self.path, piece.file)}: {piece.key!r} chunk {k} fails "
                                   "its SHA-256 check (the file was modified or damaged); restore the "
                                   "file or re-save, or load with verify=False to skip checks")
+
+    def _digest(self, piece: Piece, k: int) -> bytes | None:
+        """The recorded SHA-256 of chunk ``k`` of ``piece``: inline (1.0) or from the shard's digest
+        tensor (1.1, 32 bytes read and counted as metadata)."""
+        if piece.digest_at < 0:
+            return bytes.fromhex(piece.digests[k]) if k < len(piece.digests) else None
+        table = self._handle(piece.file).flat(DIGESTS)
+        at = (piece.digest_at + k) * DIGEST_BYTES
+        if at + DIGEST_BYTES > table.numel():
+            return None
+        self.folder.count(DIGEST_BYTES)
+        return table[at:at + DIGEST_BYTES].numpy().tobytes()
 
     def read_atom(self, name: str, state: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         atom = self.atom(name)

@@ -10,8 +10,9 @@ folder behind. A commit that replaces an existing ``<tag>`` moves the old one to
   restarted on the same node after a crash);
 - staging folders not modified for ``UCP_STALE_STAGING_HOURS`` (default 24) hours, whoever owns them:
   a live save writes its files within minutes, and another host's process cannot be checked;
-- ``<tag>.old-*`` folders whose ``<tag>`` exists (the replacement completed). When ``<tag>`` is
-  missing the old folder is the only copy and is kept.
+- ``<tag>.old-*`` folders whose ``<tag>`` exists (the replacement completed) and that no reader on
+  this host holds open (``folder.in_use``). When ``<tag>`` is missing the old folder is the only
+  copy and is kept.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import re
 import shutil
 import socket
 import time
+
+from .folder import in_use
 
 log = logging.getLogger(__name__)
 _STAGING = re.compile(r"^\.(?P<tag>.+)\.staging-[0-9a-f]+(?:-(?P<pid>\d+)@(?P<host>.+))?$")
@@ -70,7 +73,7 @@ def stale_folders(root: str, current: str | None = None, max_age: float | None =
         staging, old = _STAGING.match(name), _OLD.match(name)
         if staging and _is_stale_staging(path, staging, max_age):
             out.append(path)
-        elif old and os.path.isdir(os.path.join(root, old["tag"])):
+        elif old and os.path.isdir(os.path.join(root, old["tag"])) and not in_use(path):
             out.append(path)
     return out
 

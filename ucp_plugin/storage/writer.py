@@ -3,28 +3,29 @@
 Protocol (framework adapters drive it through ``ucp_plugin.comm``):
 1. rank 0 ``prepare_staging`` -> every rank gets the same staging folder (barrier in between);
 2. each rank fills a ``ShardWriter`` and calls ``finish`` (shard file + its index, fsynced);
-3. rank 0 ``commit``: merges the indexes into the manifest, writes it last (the commit marker),
-   renames the staging folder to ``<tag>`` and moves ``latest``.
+3. rank 0 ``commit``: merges the indexes' metadata (atoms, which ranks hold pieces of each, file
+   sizes and SHA-256 the ranks computed while writing) into the top manifest, never reading a shard
+   or state byte; writes it last (the commit marker), renames the staging folder to ``<tag>`` and
+   moves ``latest``.
 A crash at any point before the rename leaves the previous checkpoint and ``latest`` untouched.
 """
 from __future__ import annotations
 
-import glob
-import json
+import hashlib
 import os
 import shutil
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 
 from ..errors import FormatError
-from ..format import MANIFEST, Atom, FileEntry, Manifest, Piece, Region
+from ..format import DIGESTS, FORMAT_VERSION, INDEX, MANIFEST, Atom, FileEntry, Manifest, Piece, Region, ShardIndex
 from ..plan import IDENTITY, TRANSPOSED, transposed_rects
 from . import faults
+from .folder import in_use
 from .stale import owner_suffix, sweep
-from .files import atomic_write_text, chunk_digests, fsync_dir, save_tensors, save_tree, sha256_file, \
-    write_latest
+from .files import atomic_write_text, fsync_dir, save_tree, write_latest, write_tensors
 
 CHUNK_ELEMS = 1 << 16  # 256 KiB of fp32: the largest read-verification unit
 MIN_CHUNK_ELEMS = 1 << 10
@@ -34,7 +35,7 @@ def chunk_size(numel: int) -> int:
     """Verification chunk for a piece: about an eighth of it, within [1 Ki, 64 Ki] elements, so a
     reader of part of a small piece does not have to fetch all of it to check what it reads."""
     return min(CHUNK_ELEMS, max(MIN_CHUNK_ELEMS, -(-numel // 8)))
-SHARDS, INDEX, STATE = "shards", "index", "state"
+SHARDS, INDEXES, STATE = "shards", "index", "state"
 
 
 def staging_name(tag: str) -> str:
@@ -46,20 +47,24 @@ def staging_name(tag: str) -> str:
 def prepare_staging(root: str, name: str) -> str:
     path = os.path.join(root, name)
     os.makedirs(os.path.join(path, SHARDS), exist_ok=True)
-    os.makedirs(os.path.join(path, INDEX), exist_ok=True)
+    os.makedirs(os.path.join(path, INDEXES), exist_ok=True)
     os.makedirs(os.path.join(path, STATE), exist_ok=True)
     return path
 
 
 class ShardWriter:
-    """Collects one rank's fragments and writes them as one safetensors file plus a JSON index."""
+    """Collects one rank's fragments and writes them as one safetensors file plus its index
+    (``format.ShardIndex``). The chunk digests and the file's SHA-256 are computed from the bytes as
+    ``finish`` writes them; state files written by ``save_state`` (before ``finish``) are listed
+    in the index too."""
 
     def __init__(self, staging: str, rank: int):
         self.staging, self.rank = staging, rank
         self.file = f"{SHARDS}/rank-{rank:05d}.safetensors"
         self._tensors: dict[str, torch.Tensor] = {}
-        self._pieces: list[dict] = []
+        self._pieces: list[tuple[str, Piece]] = []
         self._atoms: dict[str, Atom] = {}
+        self._files: list[FileEntry] = []
 
     def add_atom(self, info: Atom) -> None:
         """Declare an atom this rank holds pieces of (its ``pieces`` are ignored: ``add`` makes them)."""
@@ -97,66 +102,91 @@ class ShardWriter:
                replica: int) -> None:
         self._tensors[key] = flat
         chunk = chunk_size(flat.numel())
-        self._pieces.append({"atom": atom, "piece": Piece(
-            state, self.file, key, region, start, start + flat.numel(), replica, chunk,
-            chunk_digests(flat, chunk))})
+        self._pieces.append((atom, Piece(state, self.file, key, region, start, start + flat.numel(), replica,
+                                         chunk)))
 
     def finish(self) -> None:
         faults.point("before_shard", self.rank)
+        pieces = []
         if self._tensors:
-            save_tensors(os.path.join(self.staging, self.file), self._tensors)
+            written = write_tensors(os.path.join(self.staging, self.file), self._tensors,
+                                    {p.key: p.chunk_elems for _, p in self._pieces}, DIGESTS)
+            self._files.insert(0, FileEntry(self.file, written.bytes, written.sha256))
+            at = _digest_offsets(self._tensors, written.digests)
+            pieces = [(name, replace(p, digest_at=at[p.key])) for name, p in self._pieces]
         faults.point("after_shard", self.rank)
-        index = {"rank": self.rank, "atoms": [asdict(replace(a, pieces=())) for a in self._atoms.values()],
-                 "pieces": [{"atom": p["atom"], **asdict(p["piece"])} for p in self._pieces]}
-        atomic_write_text(os.path.join(self.staging, INDEX, f"rank-{self.rank:05d}.json"), json.dumps(index))
+        index = ShardIndex(self.rank, tuple(replace(a, pieces=()) for a in self._atoms.values()), tuple(pieces),
+                           tuple(self._files))
+        atomic_write_text(os.path.join(self.staging, INDEX.format(rank=self.rank)), index.to_json())
 
     def save_state(self, obj, common: bool = False) -> None:
         stem = "common" if common else f"rank-{self.rank:05d}"
-        save_tree(os.path.join(self.staging, STATE, stem), obj)
+        for path, size, sha in save_tree(os.path.join(self.staging, STATE, stem), obj):
+            self._files.append(FileEntry(os.path.relpath(path, self.staging), size, sha))
 
 
-def _merge_indexes(staging: str, world_size: int) -> list[Atom]:
-    atoms: dict[str, dict] = {}
-    pieces: dict[str, list[Piece]] = {}
+def _digest_offsets(tensors: dict, digests: dict) -> dict[str, int]:
+    """Where each tensor's first chunk digest sits in the shard's digest tensor (tensor order)."""
+    out, n = {}, 0
+    for k in tensors:
+        out[k] = n
+        n += len(digests[k])
+    return out
+
+
+def _read_indexes(staging: str, world_size: int) -> list[tuple[ShardIndex, FileEntry]]:
+    """Every rank's index and its file entry (hashed from the text read: metadata only)."""
+    out = []
     for rank in range(world_size):
-        path = os.path.join(staging, INDEX, f"rank-{rank:05d}.json")
+        rel = INDEX.format(rank=rank)
+        path = os.path.join(staging, rel)
         if not os.path.exists(path):
             raise FormatError(f"{path}: rank {rank} did not finish writing; the save is not committed")
-        with open(path) as f:
-            index = json.load(f)
-        for a in index["atoms"]:
-            if atoms.setdefault(a["name"], a) != a:
-                raise FormatError(f"atom {a['name']!r}: ranks disagree on its shape/split/states "
-                                  f"(rank {rank}: {a}, before: {atoms[a['name']]})")
-        for p in index["pieces"]:
-            name = p.pop("atom")
-            region = Region(p["region"]["dim"], tuple(tuple(i) for i in p["region"]["intervals"]),
-                            p["region"]["pad"])
-            pieces.setdefault(name, []).append(Piece(**{**p, "region": region,
-                                                        "digests": tuple(p["digests"])}))
-    missing = sorted(set(pieces) - set(atoms))
+        with open(path, "rb") as f:
+            data = f.read()
+        index = ShardIndex.from_json(data.decode(), path)
+        if index.rank != rank:
+            raise FormatError(f"{path}: holds the index of rank {index.rank}; the staging folder is damaged")
+        out.append((index, FileEntry(rel, len(data), hashlib.sha256(data).hexdigest())))
+    return out
+
+
+def merge_indexes(indexes: list[ShardIndex]) -> tuple[Atom, ...]:
+    """The top manifest's atom table: each atom as its writers declared it (they must agree) with
+    ``regions`` and ``shards``: which rank's index holds pieces of which part of it."""
+    atoms: dict[str, Atom] = {}
+    where: dict[str, dict[tuple[int, Region], list[int]]] = {}
+    for index in indexes:
+        for a in index.atoms:
+            if atoms.setdefault(a.name, a) != a:
+                raise FormatError(f"atom {a.name!r}: ranks disagree on its shape/split/states "
+                                  f"(rank {index.rank}: {a}, before: {atoms[a.name]})")
+        for name, p in index.pieces:
+            span = where.setdefault(name, {}).setdefault((index.rank, p.region), [p.start, p.stop])
+            span[0], span[1] = min(span[0], p.start), max(span[1], p.stop)
+    missing = sorted(set(where) - set(atoms))
     if missing:
         raise FormatError(f"pieces for undeclared atoms {missing[:5]}")
-    return [Atom(a["name"], a["kind"], tuple(a["shape"]), a["split"], a["states"], a["scalars"],
-                 tuple(sorted(pieces.get(a["name"], ()), key=lambda p: (p.state, p.replica, p.file))))
-            for a in sorted(atoms.values(), key=lambda a: a["name"])]
+    return tuple(_located(atoms[n], where.get(n, {})) for n in sorted(atoms))
 
 
-def _file_entries(staging: str) -> tuple[FileEntry, ...]:
-    entries = []
-    for path in sorted(glob.glob(os.path.join(staging, "*", "*"))):
-        rel = os.path.relpath(path, staging)
-        entries.append(FileEntry(rel, os.path.getsize(path), sha256_file(path)))
-    return tuple(entries)
+def _located(atom: Atom, spans: dict) -> Atom:
+    regions = list(dict.fromkeys(region for _, region in spans))
+    number = {r: i for i, r in enumerate(regions)}
+    shards = tuple((rank, number[region], lo, hi) for (rank, region), (lo, hi) in spans.items())
+    return replace(atom, regions=tuple(regions), shards=shards)
 
 
 def commit(root: str, staging: str, tag: str, world_size: int, header: Manifest,
            update_latest: bool = True) -> str:
-    """Rank 0 only: complete ``header`` (writer, layout, family, iteration, model) with the ranks'
-    atoms and the file list, write it (the commit marker) and publish ``<root>/<tag>``."""
-    atoms = _merge_indexes(staging, world_size)
+    """Rank 0 only: complete ``header`` (writer, layout, family, iteration, model) with the atom
+    table and the index files, write it (the commit marker) and publish ``<root>/<tag>``. Reads
+    the ranks' index files only: its cost grows with the metadata, not with the data."""
+    indexes = _read_indexes(staging, world_size)
+    atoms = merge_indexes([i for i, _ in indexes])
     faults.point("before_manifest", 0)
-    manifest = replace(header, atoms=tuple(atoms), files=_file_entries(staging), state_ranks=world_size)
+    manifest = replace(header, atoms=atoms, files=tuple(f for _, f in indexes), state_ranks=world_size,
+                       format_version=FORMAT_VERSION, index=INDEX)
     atomic_write_text(os.path.join(staging, MANIFEST), manifest.to_json())
     faults.point("after_manifest", 0)
     final = os.path.join(root, tag)
@@ -170,13 +200,13 @@ def commit(root: str, staging: str, tag: str, world_size: int, header: Manifest,
 
 def _publish(staging: str, final: str) -> None:
     """Rename the committed staging folder to its tag; an older checkpoint under the same tag is
-    moved aside first and removed only once the new one is in place."""
+    moved aside first and removed once the new one is in place and no reader holds it."""
     old = None
     if os.path.exists(final):
         old = f"{final}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
     os.replace(staging, final)
     fsync_dir(os.path.dirname(final))
-    if old:
+    if old and not in_use(old):  # a job still reading it keeps it until a later commit's sweep
         shutil.rmtree(old, ignore_errors=True)
 

@@ -46,7 +46,7 @@ def convert(path: str, out: str) -> str:
             os.makedirs(os.path.dirname(os.path.join(out, f.path)), exist_ok=True)
             shutil.copyfile(os.path.join(ck.path, f.path), os.path.join(out, f.path))
             files.append(f)
-    manifest = replace(ck.manifest, atoms=tuple(atoms), files=tuple(files))
+    manifest = replace(ck.manifest, atoms=tuple(atoms), files=tuple(files), index=None)  # pieces inline
     atomic_write_text(os.path.join(out, MANIFEST), manifest.to_json())
     return out
 
@@ -57,7 +57,7 @@ def export_weights(path: str, out: str, dtype: str = "float32") -> str:
     ck = Checkpoint.open(path)
     target = getattr(torch, dtype)
     tensors = {}
-    for atom in ck.manifest.atoms:
+    for atom in ck.top.atoms:
         state = "fp32" if atom.kind == "param" else "param"
         t = ck.read_atom(atom.name, state)
         tensors[atom.name] = t.to(target) if t.is_floating_point() else t

@@ -92,7 +92,7 @@ def _nearest(m: Manifest, tp: int, pp: int, dp: int, ep: int, etp: int | None, z
 def validate(path: str, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1,
              zero_stage: int | None = None, etp: int | None = None) -> Verdict:
     """``etp``: the expert layers' tensor-parallel size (None: TP)."""
-    m = Checkpoint.open(path, verify=False).manifest
+    m = Checkpoint.open(path, verify=False).top
     target = _name(tp, pp, dp, ep, etp) + (f" ZeRO-{zero_stage}" if zero_stage is not None else "")
     why = reasons(m, tp, pp, ep, zero_stage, etp) + _grid(tp, dp, ep, etp)
     nearest = _nearest(m, tp, pp, dp, ep, etp, zero_stage) if why else ()

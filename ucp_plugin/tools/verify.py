@@ -1,20 +1,20 @@
 """``ucp verify``: check a checkpoint completely and report every problem found, not just the first.
 
-Checks: the manifest parses and its version is readable; every listed file exists with its size and
+Checks: the manifest and (format 1.1) every shard index parse and its version is readable; every listed file exists with its size and
 SHA-256; no unknown file sits in the folder; every piece's tensor exists with the recorded length and
 dtype; the pieces of every atom state cover each element exactly once (no gap, no overlap).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import FormatError
-from ..format import MANIFEST, Atom, Manifest
+from ..format import INDEX, MANIFEST, Atom, Manifest
 from ..plan import runs
-from ..storage import resolve
+from ..storage import Checkpoint
 from ..storage.files import open_tensors, sha256_file
 
 
@@ -29,12 +29,11 @@ class Problem:
 
 def verify(path: str, hashes: bool = True) -> list[Problem]:
     try:
-        folder = resolve(path)
-        with open(os.path.join(folder, MANIFEST)) as f:
-            manifest = Manifest.from_json(f.read(), os.path.join(folder, MANIFEST))
+        ck = Checkpoint.open(path, verify=hashes)
     except FormatError as e:
         return [Problem(path, str(e))]
-    problems = _check_files(folder, manifest, hashes)
+    folder, (manifest, problems) = ck.path, _whole_manifest(ck, hashes)
+    problems += _check_files(folder, manifest, hashes)
     # a missing file is reported once above; a changed one also gets its tensors examined
     skip = {os.path.join(folder, f.path) for f in manifest.files
             if not os.path.isfile(os.path.join(folder, f.path))}
@@ -49,6 +48,26 @@ def verify(path: str, hashes: bool = True) -> list[Problem]:
     for atom in manifest.atoms:
         problems += _check_atom(folder, atom, skip)
     return problems
+
+
+def _whole_manifest(ck: Checkpoint, hashes: bool) -> tuple[Manifest, list[Problem]]:
+    """The manifest with every piece and file, from every shard index that reads (format 1.1);
+    an index that does not is a problem (a missing one is reported by ``_check_files``)."""
+    top = ck.top
+    if not top.indexed:
+        return top, []
+    problems, files, good = [], list(top.files), {}
+    for rank in range(top.state_ranks):
+        try:
+            good[rank] = ck.folder.index(rank, hashes)
+            files += good[rank].files
+        except FormatError as e:
+            if os.path.isfile(os.path.join(ck.path, INDEX.format(rank=rank))):
+                problems.append(Problem(os.path.join(ck.path, INDEX.format(rank=rank)), str(e).split(": ", 1)[1]))
+    atoms = tuple(replace(a, pieces=tuple(p for r in sorted({s[0] for s in a.shards}) if r in good
+                                          for p in good[r].of(a.name)))
+                  for a in top.atoms)
+    return replace(top, atoms=atoms, files=tuple(files)), problems
 
 
 def _check_files(folder: str, m: Manifest, hashes: bool) -> list[Problem]:
