@@ -489,6 +489,11 @@ def print_deepspeed(results: dict) -> None:
         print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']:.3f}")
 
 
+def _secs(s: dict) -> str:
+    cpu = s.get("median_cpu_seconds_max_rank")
+    return f"{s['median_seconds']:.2f} s" + (f" (CPU {cpu:.1f} s)" if cpu == cpu and cpu is not None else "")
+
+
 def _rss(s: dict) -> str:
     return f"peak RSS {_mb(s['peak_rss_max'])} (+{_mb(s['peak_rss_max'] - s['rss_before_max'])} during the load)"
 
@@ -506,10 +511,10 @@ def markdown(results: dict) -> str:
             other = "native" if "native" in sides else "ds_universal"
             p, o = sides["plugin"], sides[other]
             cells = {"native": "", "ds_universal": ""}
-            cells[other] = (f"{o['median_seconds']:.2f} s, {_rss(o)}, read "
+            cells[other] = (f"{_secs(o)}, {_rss(o)}, read "
                             f"{_mb(max(o['rchar_per_rank']))}/rank")
             kept, read = max(p["plugin_requested_per_rank"]), max(p["plugin_fetched_per_rank"])
-            lines.append(f"| load DP4 → {dp} | {p['median_seconds']:.2f} s, {_rss(p)}, "
+            lines.append(f"| load DP4 → {dp} | {_secs(p)}, {_rss(p)}, "
                          f"read {_mb(read)} / kept {_mb(kept)} per rank | {cells['native'] or '—'} | "
                          f"{cells['ds_universal'] or '—'} |")
         lines += ["", "| target | measured | |", "|---|---|---|"]
@@ -521,7 +526,10 @@ def markdown(results: dict) -> str:
                   "|---|---|---|",
                   f"| save at TP2·PP2, durable | {med(m['save']['plugin']):.2f} s | {med(m['save']['megatron']):.2f} s |"]
         p, o = m["loads"]["plugin"], m["loads"]["megatron"]
-        lines += [f"| load at TP1·DP4 | {med(p['seconds']):.2f} s | {med(o['seconds']):.2f} s |",
+        cpu = {k: med(v["cpu_seconds_max_rank"]) if "cpu_seconds_max_rank" in v else float("nan")
+               for k, v in (("p", p), ("o", o))}
+        lines += [f"| load at TP1·DP4 (CPU s, busiest rank) | {med(p['seconds']):.2f} s (CPU {cpu['p']:.1f} s) | "
+                  f"{med(o['seconds']):.2f} s (CPU {cpu['o']:.1f} s) |",
                   f"| peak RSS per loading rank | {_rss(p)} | {_rss(o)} |",
                   f"| checkpoint size | {_mb(m['checkpoint_bytes']['plugin'])} | {_mb(m['checkpoint_bytes']['megatron'])} |"]
     return "\n".join(lines)
