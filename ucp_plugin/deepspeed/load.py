@@ -196,9 +196,12 @@ def _report(source, view: EngineView) -> None:
     if counts is None:
         return
     requested, fetched = counts
+    ck = getattr(source, "checkpoint", None)  # a universal source also counts files and metadata
+    files = ck.files_opened if ck is not None else None
     log.info("rank %d loaded %s: fetched %d bytes for the %d it needs", view.rank, source.path, fetched,
              requested, extra={"ucp_load": {"rank": view.rank, "dp": view.dp, "path": source.path,
-                                            "requested": requested, "fetched": fetched}})
+                                            "requested": requested, "fetched": fetched, "files_opened": files,
+                                            "metadata_bytes": ck.metadata_bytes if ck is not None else None}})
 
 
 def _restore_training_state(engine, view, source, with_opt, load_sched, module_only) -> dict:

@@ -131,8 +131,8 @@ def strided(cp: CopyPlan, base: int = 0) -> tuple[Copy, ...]:
     if m > 2:
         change[1:] = (ds[1:] != ds[:-1]) | (dd[1:] != dd[:-1]) | ~ok[:-1]
     out, i = [], 0
-    starts = np.flatnonzero(change | ~ok).tolist() + [m - 1]
-    for s in starts:
+    bad = np.flatnonzero(change | ~ok)  # steps that cannot continue the run before them
+    for s in bad.tolist() + [m - 1]:
         if s < i:
             continue
         while i < s:  # elements before this run's first step that no run took: single copies
@@ -140,9 +140,8 @@ def strided(cp: CopyPlan, base: int = 0) -> tuple[Copy, ...]:
             i += 1
         if s == m - 1 or not ok[s]:
             continue
-        e = s + 1
-        while e < m - 1 and ok[e] and not change[e]:
-            e += 1
+        k = int(np.searchsorted(bad, s + 1))
+        e = int(bad[k]) if k < len(bad) else m - 1  # the run's steps are s .. e - 1
         out.append(Copy(int(src[s]), int(dst[s]), int(n[s]), e - s + 1, int(ds[s]), int(dd[s])))
         i = e + 1
     out += [Copy(int(src[k]), int(dst[k]), int(n[k])) for k in range(i, m)]
