@@ -400,7 +400,7 @@ def deepspeed_part(args, results: dict) -> None:
     results["checkpoint_bytes"] = {side: _folder_bytes(os.path.join(root, side, TAG)) for side in ("native", "universal")}
     results["convert"] = run_phase(results, "ds_to_universal", lambda: convert(root, reps))
     results["loads"] = {}
-    for dp, sides in ((4, ["plugin", "native"]), (2, ["plugin", "ds_universal"]), (3, ["plugin", "ds_universal"])):
+    for dp, sides in ((2, ["plugin", "ds_universal"]), (3, ["plugin", "ds_universal"]), (4, ["plugin", "native"])):
         rows = run_phase(results, f"load DP{dp}", lambda: run_workers(
             dp, "benchmarks.load_bench:load_worker", {"size": args.size, "root": root, "sides": sides,
                                                       "reps": reps}, timeout=3600, env=env))
