@@ -142,7 +142,7 @@ def report(s: dict) -> None:
 
 def main(argv=None) -> None:
     from recipes.gpt.model import GPT, GPTConfig
-    from ucp_plugin.launcher import run_workers
+    from ucp_plugin.testing.launcher import run_workers
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dp", type=int, default=4)

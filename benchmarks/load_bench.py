@@ -387,7 +387,7 @@ def _close(a: dict, b: dict, rel: float = 1e-9) -> bool:
 
 
 def deepspeed_part(args, results: dict) -> None:
-    from ucp_plugin.launcher import run_workers
+    from ucp_plugin.testing.launcher import run_workers
 
     root, reps = args.root, args.reps
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

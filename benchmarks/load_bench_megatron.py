@@ -29,7 +29,7 @@ TAG = "bench"
 
 
 def _run(size: str, layout: dict, reference_init: bool):
-    from ucp_plugin.megatron.harness import TrainSettings, init_process, setup
+    from ucp_plugin.testing.harness import TrainSettings, init_process, setup
     from ucp_plugin.megatron.layout import MegatronLayout
     from ucp_plugin.models import ModelConfig
 
@@ -39,7 +39,7 @@ def _run(size: str, layout: dict, reference_init: bool):
 
 
 def _mcore_state(run, loading: bool) -> dict:
-    from ucp_plugin.megatron.build import unwrap
+    from ucp_plugin.megatron.model_view import unwrap
 
     model = unwrap(run.model).sharded_state_dict()
     return {"model": model,
@@ -56,7 +56,7 @@ def mcore_load(run, folder: str) -> None:
     """As Megatron-LM's ``load_checkpoint`` does for a torch_dist checkpoint."""
     from megatron.core import dist_checkpointing
 
-    from ucp_plugin.megatron.build import unwrap
+    from ucp_plugin.megatron.model_view import unwrap
     from ucp_plugin.megatron.distopt_fixes import ensure_optimizer_state
 
     ensure_optimizer_state(run.optimizer)
@@ -83,7 +83,7 @@ SIDES = {"plugin": ("ucp", ucp_save, ucp_load), "megatron": ("mcore", mcore_save
 def save_worker(size: str, root: str, reps: int) -> dict:
     import torch.distributed as dist
 
-    from ucp_plugin.megatron.harness import token_batches, train_step
+    from ucp_plugin.testing.harness import token_batches, train_step
 
     run = _run(size, SAVE_LAYOUT, reference_init=True)
     train_step(run, token_batches(run.cfg, run.settings)[0])
@@ -163,7 +163,7 @@ def load_worker(size: str, root: str, reps: int) -> list[dict]:
 
 
 def megatron_part(args, results: dict, run_phase) -> None:
-    from ucp_plugin.launcher import run_workers
+    from ucp_plugin.testing.launcher import run_workers
 
     root = os.path.join(args.root, "megatron")
     os.makedirs(root, exist_ok=True)

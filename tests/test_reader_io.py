@@ -49,3 +49,18 @@ def test_unverified_reads_fetch_exactly_what_is_needed(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(exact, checked))
         # verification fetches whole chunks: each TP4 rank reads half of every TP2 row
         assert needed * size < fetched_verified <= 2 * needed * size
+
+
+def test_parallel_reads_fill_a_view_of_a_trainable_buffer(tmp_path, monkeypatch):
+    """The thread pool's reads copy into a slice of a leaf that requires grad (a ZeRO partition)."""
+    from ucp_plugin.storage import reader
+
+    monkeypatch.setattr(reader, "PARALLEL_ELEMS", 1)
+    full = _write(str(tmp_path), torch.float32)
+    ck = Checkpoint.open(str(tmp_path / "ck"), True)
+    region = region_for(SPLIT, SHAPE, 0, 1)
+    flat = torch.zeros(SHAPE[0] * SHAPE[1] + 7, requires_grad=True)
+    with torch.no_grad():
+        view = flat[7:]
+    ck.read_fragment("w", "fp32", region, 0, view.numel(), torch.float32, out=view)
+    assert torch.equal(flat[7:].detach().view(SHAPE), full)

@@ -52,6 +52,7 @@ READ_THREADS = int(os.environ.get("UCP_READ_THREADS", "4"))
 PARALLEL_ELEMS = 1 << 22  # below ~16 MB of fp32 a thread pool costs more than it saves
 
 
+@torch.no_grad()  # pool threads do not inherit the caller's grad mode; a load is never tracked
 def _copy(c: Copy, src: torch.Tensor, dst: torch.Tensor) -> None:
     """One (strided) copy, converting dtype and device as ``copy_`` does."""
     if c.count == 1:
