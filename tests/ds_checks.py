@@ -44,7 +44,7 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
+def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
@@ -65,6 +65,6 @@ def assert_resave_bitwise(source_dir: str, resave_dir: str) -> None:
             saved = src.read(atom_name, state, 0, math.prod(meta.shape), getattr(torch, dtype))
             loaded = again.read_atom(atom_name, state).reshape(-1)
             if loaded.dtype == saved.dtype:
-                assert torch.equal(_bits(loaded), _bits(saved)), (atom_name, state)
+                assert torch.equal(bits(loaded), bits(saved)), (atom_name, state)
             else:  # e.g. a bf16 frozen parameter held in fp32 by an fp32 target: same values
                 assert torch.equal(loaded.double(), saved.double()), (atom_name, state)

@@ -236,7 +236,9 @@ class Checkpoint:
             raise ValueError(f"reading {name!r} transposed: the destination must be contiguous")
         for r in transposed_rects(region, self.atom(name).shape, start, stop):
             rect = self.read_fragment(name, state, r.region, r.start, r.stop, out.dtype)
-            out.as_strided((r.cols, r.rows), (r.stride, 1), r.offset).copy_(rect.view(r.rows, r.cols).t())
+            # as_strided's offset is absolute: ``out`` may be a slice of the engine's buffer
+            at = out.storage_offset() + r.offset
+            out.as_strided((r.cols, r.rows), (r.stride, 1), at).copy_(rect.view(r.rows, r.cols).t())
         return out
 
     @staticmethod
