@@ -109,6 +109,19 @@ def _main(spec_json: str, out_path: str) -> None:
     with open(out_path + ".tmp", "w") as f:
         json.dump({"value": value}, f)
     os.replace(out_path + ".tmp", out_path)
+    _exit_after_atexit()
+
+
+def _exit_after_atexit() -> None:
+    """Run the atexit hooks (an asynchronous save in flight is committed there), then leave without
+    C++ static destruction: a process group never destroyed by the worker (DeepSpeed, Trainer) can
+    abort there ("terminate called without an active exception", code -6) after a good run."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
