@@ -254,8 +254,6 @@ def use_side(engine, side: str) -> tuple[str, str]:
 
 
 def load_once(engine, root: str, side: str) -> dict:
-    import torch.distributed as dist
-
     folder, tag = use_side(engine, side)
     report = _PluginReport()
     logger = logging.getLogger("ucp_plugin.deepspeed.load")
@@ -263,21 +261,28 @@ def load_once(engine, root: str, side: str) -> dict:
     logger.setLevel(logging.INFO)
     try:
         _scramble(engine)
-        if dist.get_rank() == 0:
-            drop_cache(root)
-        gc.collect()
-        dist.barrier()
-        base_rss = proc_status("VmRSS")
-        reset_peak_rss()
-        io, cpu = proc_io(), cpu_seconds()
-        seconds = _timed(profiled(lambda: engine.load_checkpoint(os.path.join(root, folder), tag=tag), side),
-                         dist.barrier)
-        peak, io_after, cpu = proc_status("VmHWM"), proc_io(), cpu_seconds() - cpu
+        row = measured_load(root, side, lambda: engine.load_checkpoint(os.path.join(root, folder), tag=tag))
     finally:
         logger.removeHandler(report)
-    return {"side": side, "seconds": seconds, "cpu_seconds": cpu, "rss_before": base_rss, "peak_rss": peak,
-            "rchar": io_after["rchar"] - io["rchar"], "read_bytes": io_after["read_bytes"] - io["read_bytes"],
-            "plugin_bytes": report.last, "sums": _sums(engine)}
+    return {"side": side, **row, "plugin_bytes": report.last, "sums": _sums(engine)}
+
+
+def measured_load(root: str, label: str, load) -> dict:
+    """One load on every rank with the same rules for every side: the checkpoint's page cache
+    dropped, peak RSS reset, then wall time (to the barrier), CPU time, peak RSS and bytes read."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        drop_cache(root)
+    gc.collect()
+    dist.barrier()
+    base_rss = proc_status("VmRSS")
+    reset_peak_rss()
+    io, cpu = proc_io(), cpu_seconds()
+    seconds = _timed(profiled(load, label), dist.barrier)
+    peak, io_after, cpu = proc_status("VmHWM"), proc_io(), cpu_seconds() - cpu
+    return {"seconds": seconds, "cpu_seconds": cpu, "rss_before": base_rss, "peak_rss": peak,
+            "rchar": io_after["rchar"] - io["rchar"], "read_bytes": io_after["read_bytes"] - io["read_bytes"]}
 
 
 def load_worker(size: str, root: str, sides: list[str], reps: int) -> list[dict]:

@@ -7,14 +7,12 @@ process after an untimed load, state zeroed before each load and compared after 
 """
 from __future__ import annotations
 
-import gc
 import os
 import shutil
-import time
 
 import torch
 
-from benchmarks.load_bench import _timed, cpu_seconds, drop_cache, fsync_share, proc_io, proc_status, profiled, reset_peak_rss
+from benchmarks.load_bench import _timed, fsync_share, measured_load
 
 SIZES = {  # the same shapes as load_bench.SIZES (megatron pads the vocabulary to a multiple of 128)
     "125m": dict(hidden=768, heads=12, ffn=3072, layers=12, vocab=50257, tied=True, seq_length=32),
@@ -137,22 +135,10 @@ def _sums(run) -> dict:
 
 
 def load_once(run, root: str, side: str) -> dict:
-    import torch.distributed as dist
-
     name, _, load = SIDES[side]
     _scramble(run)
-    if dist.get_rank() == 0:
-        drop_cache(root)
-    gc.collect()
-    dist.barrier()
-    base_rss = proc_status("VmRSS")
-    reset_peak_rss()
-    io, cpu = proc_io(), cpu_seconds()
-    seconds = _timed(profiled(lambda: load(run, os.path.join(root, name)), "megatron-" + side), dist.barrier)
-    peak, io_after, cpu = proc_status("VmHWM"), proc_io(), cpu_seconds() - cpu
-    return {"side": side, "seconds": seconds, "cpu_seconds": cpu, "rss_before": base_rss, "peak_rss": peak,
-            "rchar": io_after["rchar"] - io["rchar"], "read_bytes": io_after["read_bytes"] - io["read_bytes"],
-            "sums": _sums(run)}
+    row = measured_load(root, "megatron-" + side, lambda: load(run, os.path.join(root, name)))
+    return {"side": side, **row, "sums": _sums(run)}
 
 
 def load_worker(size: str, root: str, reps: int) -> list[dict]:
