@@ -28,7 +28,9 @@ bitwise (with dropout off, exactly as before).
 Load, on any TP/PP/DP/EP/SP layout and either optimizer kind: each rank reads the region of each atom
 its local tensor is (padding rows read as zeros), sets the model parameter, its master and (when the
 checkpoint has them and an optimizer is given) the optimizer states of the range it owns, each
-parameter with its own ``step``.
+parameter with its own ``step``. With the DistributedOptimizer a rank reads a trained parameter only
+over the range it owns (its master shard) and megatron's DP all-gather assembles the model parameters
+(``optimizer_view.assemble_model_params``): the DP group reads each stored weight byte once.
 """
 from __future__ import annotations
 
@@ -295,8 +297,8 @@ def read_local(ck: Checkpoint, e: ParamEntry, state: str, start: int, stop: int,
     return out
 
 
-def _load_master(ck: Checkpoint, e: ParamEntry, master: O.Master, weight: torch.Tensor, with_opt: bool):
-    master.main.copy_(weight[master.start:master.stop])
+def _load_states(ck: Checkpoint, e: ParamEntry, master: O.Master, with_opt: bool) -> None:
+    """The optimizer states of the master's range (when loading them) and its scalars."""
     if not with_opt:
         return
     atoms = [ck.atom(name) for name, _ in e.atoms]
@@ -325,14 +327,24 @@ def _scalars(path: str, e: ParamEntry, atoms: list) -> dict:
 
 @torch.no_grad()
 def load_params(ck: Checkpoint, view: RankView, optimizer, with_opt: bool) -> None:
+    """Each parameter's weight, and the master and optimizer states of the range this rank owns.
+    A parameter the DistributedOptimizer all-gathers is read only over that range, into the master
+    (``O.assemble_model_params`` then sets the model parameter); any other is read whole."""
     owned = O.masters(optimizer) if optimizer is not None else {}
+    gathered = O.gathered_params(optimizer) if optimizer is not None else set()
     for e in view.entries:
         kind = ck.atom(e.atoms[0][0]).kind
-        weight = read_local(ck, e, WEIGHT_STATE[kind], 0, e.param.numel(), torch.float32)
-        e.param.copy_(weight.view(e.param.shape))
-        master = owned.get(e.param)
+        weight, master = WEIGHT_STATE[kind], owned.get(e.param)
+        if id(e.param) in gathered:
+            if master is not None:
+                read_local(ck, e, weight, master.start, master.stop, torch.float32, out=master.main)
+                _load_states(ck, e, master, with_opt and kind == "param")
+            continue
+        whole = read_local(ck, e, weight, 0, e.param.numel(), torch.float32)
+        e.param.copy_(whole.view(e.param.shape))
         if master is not None:
-            _load_master(ck, e, master, weight, with_opt and kind == "param")
+            master.main.copy_(whole[master.start:master.stop])
+            _load_states(ck, e, master, with_opt and kind == "param")
 
 
 @torch.no_grad()
@@ -446,6 +458,8 @@ def load_universal(model, optimizer, load_dir: str, tag: str | None = None, veri
     if with_opt:
         O.ensure_state(optimizer)
     comm.run(lambda: load_params(ck, view, optimizer, with_opt))
+    if optimizer is not None and O.is_distributed(optimizer):
+        O.assemble_model_params(optimizer)  # collective: megatron's DP all-gather of the param buffer
     comm.run(lambda: load_buffers(ck, view, strict))
     used = comm.all_sum(_counted(view))
     stored = sum(1 for a in ck.top.atoms if a.kind in ("param", "frozen") and not a.name.endswith(P.SUFFIX))

@@ -16,6 +16,12 @@ parameter's ``step`` scalar, so a checkpoint of one kind loads into the other, o
 
 The state entries returned are the live dicts of the inner torch optimizer: writing into their
 tensors (``copy_``) changes the optimizer.
+
+Loading with the ``DistributedOptimizer``: a DP rank needs only its own range of each parameter's
+fp32 master (and states); the model parameters in megatron's DDP buffers are then assembled by
+megatron itself (``assemble_model_params``: main shards into the param buffer, then the DP
+all-gather that follows every optimizer step), so the DP group reads each stored weight byte once
+instead of once per DP rank. Parameters outside the buffers (frozen ones) are read whole.
 """
 from __future__ import annotations
 
@@ -61,6 +67,30 @@ def masters(optimizer) -> dict:
         else:
             out.update(_fp32_masters(opt))
     return out
+
+
+def gathered_params(optimizer) -> set[int]:
+    """ids of the model parameters the DistributedOptimizer's param all-gather sets: every one in
+    its DDP buffers, owned by this rank or not (frozen parameters are in none)."""
+    return {id(p) for opt in inner_optimizers(optimizer) if hasattr(opt, "model_param_group_index_map")
+            for buf in getattr(opt, "buffers", ()) for p in buf.param_index_map}
+
+
+def assemble_model_params(optimizer) -> None:
+    """After each DP rank has set its own main-param shards: copy them into the model's param buffer
+    and all-gather it over DP (over expert-DP for expert parameters), as megatron does after a step.
+    Collective: every rank of the job calls it."""
+    chunks = {}
+    for opt in inner_optimizers(optimizer):
+        if hasattr(opt, "model_param_group_index_map") and not getattr(opt, "is_stub_optimizer", False):
+            opt._copy_main_params_to_model_params()
+            chunks.update((id(c), c) for c in opt.model_chunks)
+    for chunk in chunks.values():
+        for group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups:
+            if group.param_gather_handle is not None:  # a gather still in flight would end the sync below
+                group.param_gather_handle.wait()
+                group.param_gather_handle = None
+        chunk.start_param_sync(force_sync=True)
 
 
 def _distributed_masters(opt) -> dict:
