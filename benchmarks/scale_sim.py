@@ -7,9 +7,12 @@ exp_avg_sq, each (TP, PP) rank's local parameters flattened and cut into DP equa
 over the expert-data-parallel group). Every rank's shard index is built with the real metadata
 classes (``format.ShardIndex``, ``Atom``, ``Piece``, splits and regions from the real model specs)
 and written to disk; rank 0's commit is the real ``storage.commit``. Loads at other layouts describe
-what each rank of the target needs as the megatron adapter does (the whole local fp32 weight of
-every local parameter, the optimizer states of its DP shard) and plan them with the real
-``Checkpoint.open`` / ``Checkpoint.plan`` on the committed folder, for a sample of ranks.
+what each rank of the target needs as the megatron adapter does and plan them with the real
+``Checkpoint.open`` / ``Checkpoint.plan`` on the committed folder, for a sample of ranks. The loader
+(``--loader``): ``dp-shards`` (the adapter's: the fp32 master and optimizer states of the rank's own
+distributed-optimizer range; megatron's DP all-gather then assembles the model parameters) or
+``whole-weights`` (the adapter before: every local fp32 weight whole on every DP rank, the optimizer
+states of its range), kept for comparison.
 
 Per loading rank (median and worst of the sample): metadata bytes read (top manifest + shard
 indexes read + the tensor headers and 32-byte chunk digests the plan's execution will read), files
@@ -18,6 +21,7 @@ Python memory (tracemalloc, a second run), bytes read vs kept (verified: whole c
 commit: time (one run) and peak memory (tracemalloc, a second run on a copy).
 
     python benchmarks/scale_sim.py --out benchmarks/scale_sim.json [--sample 8] [--quick]
+                                   [--loader dp-shards|whole-weights]
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ from ucp_plugin.storage import Checkpoint, commit, prepare_staging  # noqa: E402
 from ucp_plugin.storage.writer import chunk_size  # noqa: E402
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
+LOADERS = ("dp-shards", "whole-weights")
 F32 = 4
 MODELS = {
     "llama-70b": (llama, ModelConfig(hidden=8192, heads=64, query_groups=8, ffn=28672, layers=80, vocab=128256)),
@@ -191,18 +196,21 @@ def save(job: Job, root: str) -> dict:
             "commit_s": seconds, "commit_peak_mb": peak / 2**20}
 
 
-def items(job: Job, rank: int) -> list[ReadItem]:
-    """What megatron's loader asks for on ``rank``: every local weight whole, its optimizer shard."""
+def items(job: Job, rank: int, loader: str) -> list[ReadItem]:
+    """What megatron's loader asks for on ``rank``: the master and optimizer states of its
+    distributed-optimizer range (``whole-weights``: every local fp32 weight whole instead)."""
     t, d, p = job.coords(rank)
-    out = [ReadItem(name, "fp32", region, 0, n)
-           for expert in (False, True) for name, _, region, n, _ in job.local(t, d, p, expert)]
-    out += [ReadItem(name, s, region, lo, hi) for (name, _, region, n, _), lo, hi in job.shards(t, d, p)
-            for s in STATES[1:]]
+    shard_states = STATES if loader == "dp-shards" else STATES[1:]
+    out = [ReadItem(name, s, region, lo, hi) for (name, _, region, n, _), lo, hi in job.shards(t, d, p)
+           for s in shard_states]
+    if loader == "whole-weights":
+        out += [ReadItem(name, "fp32", region, 0, n)
+                for expert in (False, True) for name, _, region, n, _ in job.local(t, d, p, expert)]
     return out
 
 
-def load_rank(folder: str, job: Job, rank: int) -> dict:
-    wanted = items(job, rank)
+def load_rank(folder: str, job: Job, rank: int, loader: str) -> dict:
+    wanted = items(job, rank, loader)
     ck = Checkpoint.open(folder)
     t0 = time.perf_counter()
     plans = [ck.plan(i) for i in wanted]
@@ -236,14 +244,14 @@ def summary(rows: list[dict], key: str) -> dict:
     return {"median": statistics.median(values), "worst": max(values)}
 
 
-def run_case(model: str, src: tuple, targets: dict, n_sample: int, work: str) -> dict:
+def run_case(model: str, src: tuple, targets: dict, n_sample: int, work: str, loader: str) -> dict:
     job = Job(model, *src)
     root = tempfile.mkdtemp(dir=work)
     saved = save(job, root)
     loads = {}
     for name, dst in targets.items():
         target = Job(model, *dst)
-        rows = [load_rank(os.path.join(root, "ck"), target, r) for r in sample(target.world, n_sample)]
+        rows = [load_rank(os.path.join(root, "ck"), target, r, loader) for r in sample(target.world, n_sample)]
         loads[name] = {"layout": target.layout.describe(), "ranks": target.world, "sample": len(rows),
                        **{k: summary(rows, k) for k in rows[0] if k != "rank"},
                        "metadata_share": summary([{"x": r["metadata_bytes"] / saved["metadata_bytes"]} for r in rows], "x"),
@@ -287,18 +295,20 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/scale_sim.json")
     ap.add_argument("--sample", type=int, default=8, help="loading ranks planned per case")
     ap.add_argument("--quick", action="store_true", help="64 and 512 ranks only")
+    ap.add_argument("--loader", choices=LOADERS, default=LOADERS[0],
+                    help="what a loading rank reads (see the module docstring)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="ucp-scale-")
     try:
         results = []
         for model, src, targets in cases(args.quick):
-            results.append(run_case(model, src, targets, args.sample, work))
+            results.append(run_case(model, src, targets, args.sample, work, args.loader))
             print(f"done {model} {results[-1]['saved']} ({results[-1]['ranks']} ranks)", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     machine = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
     with open(args.out, "w") as f:
-        json.dump({"machine": machine, "argv": sys.argv, "results": results}, f, indent=1)
+        json.dump({"machine": machine, "argv": sys.argv, "loader": args.loader, "results": results}, f, indent=1)
     print(table(results))
 
 

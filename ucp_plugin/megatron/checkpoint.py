@@ -301,7 +301,7 @@ def _load_states(ck: Checkpoint, e: ParamEntry, master: O.Master, with_opt: bool
     """The optimizer states of the master's range (when loading them) and its scalars."""
     if not with_opt:
         return
-    atoms = [ck.atom(name) for name, _ in e.atoms]
+    atoms = [ck.top.atom(name) for name, _ in e.atoms]  # kind, states, scalars: no shard index read
     for key, live in O.tensor_states(master.state).items():
         lacking = next((a for a in atoms if key not in a.states), None)
         if lacking is not None:
@@ -333,7 +333,7 @@ def load_params(ck: Checkpoint, view: RankView, optimizer, with_opt: bool) -> No
     owned = O.masters(optimizer) if optimizer is not None else {}
     gathered = O.gathered_params(optimizer) if optimizer is not None else set()
     for e in view.entries:
-        kind = ck.atom(e.atoms[0][0]).kind
+        kind = ck.top.atom(e.atoms[0][0]).kind  # check_atoms found them all
         weight, master = WEIGHT_STATE[kind], owned.get(e.param)
         if id(e.param) in gathered:
             if master is not None:

@@ -82,7 +82,7 @@ def assemble_model_params(optimizer) -> None:
     Collective: every rank of the job calls it."""
     chunks = {}
     for opt in inner_optimizers(optimizer):
-        if hasattr(opt, "model_param_group_index_map") and not getattr(opt, "is_stub_optimizer", False):
+        if hasattr(opt, "model_param_group_index_map") and getattr(opt, "buffers", None):  # not a stub, not FSDP
             opt._copy_main_params_to_model_params()
             chunks.update((id(c), c) for c in opt.model_chunks)
     for chunk in chunks.values():
