@@ -69,10 +69,22 @@ def ucp_save(run, folder: str) -> None:
     save_universal(run.model, run.optimizer, folder, TAG, 1, family="gpt", config=run.cfg)
 
 
-def ucp_load(run, folder: str) -> None:
-    from ucp_plugin.megatron.checkpoint import load_universal
+_TENSOR_BYTES: list[int] = []  # per plugin load on this rank: tensor bytes its Checkpoint read
 
-    load_universal(run.model, run.optimizer, folder, TAG, family="gpt", config=run.cfg)
+
+def ucp_load(run, folder: str) -> None:
+    """The plugin's load; records the tensor bytes it read (``Checkpoint.bytes_read``: the plugin
+    reads through mmap, which the kernel's ``rchar`` does not count)."""
+    from ucp_plugin.megatron.checkpoint import load_universal
+    from ucp_plugin.storage import Checkpoint
+
+    real, opened = Checkpoint.open, []
+    Checkpoint.open = staticmethod(lambda path, verify=True: opened.append(real(path, verify)) or opened[-1])
+    try:
+        load_universal(run.model, run.optimizer, folder, TAG, family="gpt", config=run.cfg)
+    finally:
+        Checkpoint.open = staticmethod(real)
+    _TENSOR_BYTES.append(sum(ck.bytes_read for ck in opened))
 
 
 SIDES = {"plugin": ("ucp", ucp_save, ucp_load), "megatron": ("mcore", mcore_save, mcore_load)}
@@ -138,7 +150,8 @@ def load_once(run, root: str, side: str) -> dict:
     name, _, load = SIDES[side]
     _scramble(run)
     row = measured_load(root, "megatron-" + side, lambda: load(run, os.path.join(root, name)))
-    return {"side": side, **row, "sums": _sums(run)}
+    read = {"tensor_bytes_read": _TENSOR_BYTES[-1]} if side == "plugin" else {}
+    return {"side": side, **row, **read, "sums": _sums(run)}
 
 
 def load_worker(size: str, root: str, reps: int) -> list[dict]:
@@ -170,6 +183,7 @@ def megatron_part(args, results: dict, run_phase) -> None:
                          "peak_rss_max": sorted(max(r["peak_rss"] for r in ls) for ls in ld)[len(ld) // 2],
                          "rss_before_max": max(r["rss_before"] for ls in ld for r in ls),
                          "rchar_per_rank": [r["rchar"] for r in ld[-1]],
+                         "tensor_bytes_read_per_rank": [r.get("tensor_bytes_read") for r in ld[-1]],
                          "same_state_as_megatron": all(_close(r["sums"], reference) for ls in ld for r in ls),
                          "sums": ld[-1][0]["sums"]}
                   for side, ld in loads.items()},
