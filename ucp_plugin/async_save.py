@@ -10,7 +10,10 @@ file writes and fsync are system calls, ``hashlib`` releases it while hashing bu
 and torch's tensor copies run in C++ without it. So the training thread keeps running Python while
 the writer works, without the cost of a process: no second copy of the state through shared memory
 or a pipe, no fork of a process that holds CUDA and a process group, no second interpreter importing
-torch. What the writer does compete for is CPU cores and memory bandwidth (benchmarks/async_save.py).
+torch. What the writer does compete for is CPU cores and memory bandwidth (benchmarks/async_save.py);
+so it runs at nice ``WRITER_NICE`` (Linux sets the nice value per thread): where the cores are all
+busy training, the scheduler gives the training thread the larger share and the writer the rest —
+the save only has to be done by the next one. Where that is not permitted it runs at the process's.
 
 **Commit, all-or-nothing, without collectives off the training thread.** The background thread
 touches only files: it never calls ``Comm`` (the training's process group is not thread-safe to
@@ -35,6 +38,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
+import sys
 import threading
 from typing import Callable
 
@@ -45,6 +50,7 @@ from .storage.snapshot import StagingArena
 log = logging.getLogger(__name__)
 WAIT, REFUSE = "wait", "refuse"
 ON_BUSY = (WAIT, REFUSE)
+WRITER_NICE = 10  # the writer thread's nice value (never below the process's own)
 
 
 class SaveInProgressError(UCPError):
@@ -60,6 +66,7 @@ class PendingSave:
         self.thread = threading.Thread(target=self._run, name=f"ucp-save-{label}", daemon=False)
 
     def _run(self) -> None:
+        _lower_priority(WRITER_NICE)
         try:
             self._write()
         except BaseException as e:  # reported to every rank at the safe point (raise_error)
@@ -71,6 +78,21 @@ class PendingSave:
     def raise_error(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value to ``nice`` (Linux: per thread, by its native id).
+    Silently nothing where that is not supported or not permitted: it only shifts CPU shares.
+    Elsewhere a thread id is no process id, so setpriority could hit another process: Linux only."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if nice > current:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except (AttributeError, OSError):
+        pass
 
 
 _pending: PendingSave | None = None

@@ -4,7 +4,9 @@
 (``add_atom``, ``add``, ``save_state``) and keeps a reference to each tensor instead of writing it.
 ``copy_into(arena)`` then copies every recorded tensor into one ``StagingArena`` (device-to-host for
 GPU tensors), after which the training may change its tensors freely; ``replay(writer)`` makes the
-same calls on a real ``ShardWriter`` from those copies, in the recorded order, on any thread.
+same calls on a real ``ShardWriter`` from those copies, in the recorded order, on any thread; the
+writer holds the arena's views as they are (``ShardWriter.add`` copies only GPU or non-contiguous
+tensors), so the state is copied into host memory once per save.
 
 The arena is one flat byte buffer, pinned when CUDA is available (so device-to-host copies are
 DMA without a bounce buffer), sized to one rank's state and reused: after the first save of a

@@ -78,8 +78,13 @@ class ShardWriter:
         """Store ``data`` (flattened) as local elements ``[start, start + numel)`` of ``region``, in
         ``order``. A transposed range is stored as one piece per rectangle (``transposed_rects``) in
         the atom's canonical order, so readers never see the transposition; the atom must have been
-        declared (``add_atom``) first, for its shape."""
-        flat = data.detach().reshape(-1).to("cpu", copy=True)
+        declared (``add_atom``) first, for its shape.
+
+        A contiguous CPU tensor is held by reference, not copied: ``finish`` writes it as it is then.
+        Both callers allow that: a synchronous save calls ``finish`` before the training runs again,
+        and an asynchronous one adds the staging arena's views (``snapshot``), which no one changes
+        until the save is over. A copy would be a second host copy of the rank's state per save."""
+        flat = _held(data)
         key = f"{atom}/{state}/{replica}"
         if key in self._tensors:
             raise FormatError(f"rank {self.rank} wrote {atom!r} state {state!r} twice")
@@ -123,6 +128,14 @@ class ShardWriter:
         stem = "common" if common else f"rank-{self.rank:05d}"
         for path, size, sha in save_tree(os.path.join(self.staging, STATE, stem), obj):
             self._files.append(FileEntry(os.path.relpath(path, self.staging), size, sha))
+
+
+def _held(data: torch.Tensor) -> torch.Tensor:
+    """``data`` flattened, as a contiguous CPU tensor: itself when it is one, else one copy."""
+    flat = data.detach().reshape(-1)
+    if flat.device.type == "cpu" and flat.is_contiguous():
+        return flat
+    return torch.empty(flat.numel(), dtype=flat.dtype).copy_(flat)
 
 
 def _digest_offsets(tensors: dict, digests: dict) -> dict[str, int]:
