@@ -166,4 +166,5 @@ def test_peak_memory_within_bound(native, tmp_path):
         return json.loads(r.stdout.strip().splitlines()[-1])["peak_kib"] * 1024
     largest = BIG["vocab"] * BIG["d"] * 4
     extra = peak(str(tmp_path / "out")) - peak("-")
+    print(f"peak RSS above baseline: {extra / largest:.2f} x the largest parameter")  # shown with -s
     assert extra <= 5 * largest, (extra / largest)
