@@ -135,15 +135,15 @@ def _kind(cfg: dict, folder: str) -> tuple[str, str]:
 class NativeSource:
     def __init__(self, folder: str):
         self.path = folder
-        self.model = safe_load(model_states_file(folder, 0))
+        self._mapped: list[tuple[int, int]] = []  # pages release() may drop
+        self._lock = threading.Lock()  # files are loaded once, by one thread (readers may be threads)
+        self.model = self._load(model_states_file(folder, 0))  # stage 0 and buffers read from it
         cfg = self.model.get("ds_config") or {}
         self.kind, self.dtype = _kind(cfg, folder)
         self.dp = int(self.model["dp_world_size"])
         if self.model.get("mp_world_size", 1) != 1:
             raise UnsupportedError(f"{folder}: model-parallel DeepSpeed checkpoints are not supported")
         self._files: dict[str, dict] = {}
-        self._mapped: list[tuple[int, int]] = []  # pages release() may drop
-        self._lock = threading.Lock()  # files are loaded once, by one thread (readers may be threads)
         self.buffer_names = list(self.model.get("buffer_names") or [])
         self.groups = self._groups()
         zero = cfg.get("zero_optimization") or {}
