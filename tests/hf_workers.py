@@ -14,7 +14,8 @@ def probe_tokens(vocab: int, seq: int, batch: int = 2) -> "torch.Tensor":
 
 
 def logits(model, tokens) -> list:
-    """Full-vocabulary logits of megatron's forward (gathered over TP; padding rows included)."""
+    """Full-vocabulary logits of megatron's forward (gathered over TP; padding rows included), on every
+    rank (with PP, the stages run one after another)."""
     import torch
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -25,10 +26,35 @@ def logits(model, tokens) -> list:
     gpt.eval()
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            return stage_by_stage(gpt, tokens, positions)
         out = gpt(input_ids=tokens, position_ids=positions, attention_mask=None)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         out = gather_from_tensor_model_parallel_region(out)
     return out.float().tolist()
+
+
+def stage_by_stage(gpt, tokens, positions) -> list:
+    """Forward through a pipeline (TP=1) without a schedule: each stage in turn runs on the previous
+    stage's output (broadcast over the pipeline group); the last stage's logits go to every rank."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group, mine, stages = (ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_rank(),
+                           ps.get_pipeline_model_parallel_world_size())
+    hidden, out = None, None
+    for stage in range(stages):
+        if stage == mine:
+            if hidden is not None:
+                gpt.set_input_tensor(hidden)
+            out = gpt(input_ids=tokens, position_ids=positions, attention_mask=None)
+        if stage < stages - 1:  # megatron's hidden states: [seq, batch, hidden]
+            hidden = out if stage == mine else torch.empty(tokens.shape[1], tokens.shape[0], gpt.config.hidden_size)
+            dist.broadcast(hidden, src=dist.get_global_rank(group, stage), group=group)
+    final = [out.float().tolist() if mine == stages - 1 else None]
+    dist.broadcast_object_list(final, src=dist.get_global_rank(group, stages - 1), group=group)
+    return final[0]
 
 
 def train_save_logits(runs: list[dict]) -> list[dict]:

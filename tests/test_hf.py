@@ -101,18 +101,23 @@ def test_export_unknown_family_is_one_line_error(trained, tmp_path):
 
 
 IMPORT_LAYOUTS = {"gpt": dict(tp=2), "llama": dict(tp=2), "mixtral": dict(dp=2, ep=2)}
+PP2 = ("gpt", "llama")  # also loaded on a 2-stage pipeline (GPT: the tied output layer on the last stage)
 
 
 @pytest.fixture(scope="module")
 def imported(exported, tmp_path_factory):
-    """Each export imported back; megatron loads it at TP2 (GPT, LLaMA) or EP2 (Mixtral) on 2 ranks."""
+    """Each export imported back; megatron loads it at TP2 (GPT, LLaMA) or EP2 (Mixtral) on 2 ranks, and
+    (same launch) GPT and LLaMA at PP2."""
     from ucp_plugin.tools.hf_import import import_hf
     root = tmp_path_factory.mktemp("hf_in")
     paths = {f: import_hf(exported[f], str(root / f), f) for f in MODELS}
     runs = [dict(family=f, model=MODELS[f][0], layout=IMPORT_LAYOUTS[f], path=paths[f]) for f in MODELS]
+    runs += [dict(family=f, model=MODELS[f][0], layout=dict(pp=2), path=paths[f]) for f in PP2]
     ranks = run_workers(2, "tests.hf_workers:load_logits", {"runs": runs}, timeout=900, env=_env(),
                         log_dir=str(root / "log"))
-    return {f: {"path": paths[f], "logits": torch.tensor(r["logits"])} for f, r in zip(MODELS, ranks[0])}
+    logits = [torch.tensor(r["logits"]) for r in ranks[0]]
+    return {**{f: {"path": paths[f], "logits": t} for f, t in zip(MODELS, logits)},
+            **{f"{f}_pp2": {"path": paths[f], "logits": t} for f, t in zip(PP2, logits[len(MODELS):])}}
 
 
 @pytest.mark.parametrize("family", list(MODELS))
@@ -120,6 +125,17 @@ def test_import_loads_in_megatron_on_another_layout(trained, imported, family):
     vocab = MODELS[family][0]["vocab"]
     got, ref = imported[family]["logits"][..., :vocab], trained[family]["logits"][..., :vocab]
     assert rel_err(got, ref) <= TOL, (family, IMPORT_LAYOUTS[family], rel_err(got, ref))
+
+
+@pytest.mark.parametrize("family", PP2)
+def test_import_at_pp2_matches_transformers(exported, imported, family):
+    """An HF folder imported and loaded on a 2-stage pipeline: the stages' forward, one after another,
+    gives the logits transformers computes from the same folder."""
+    sizes = MODELS[family][0]
+    ref, _ = hf_logits(exported[family], sizes["vocab"], sizes["seq_length"])
+    got = imported[f"{family}_pp2"]["logits"][..., :sizes["vocab"]]
+    assert got.shape == ref.shape
+    assert rel_err(got, ref) <= TOL, (family, rel_err(got, ref))
 
 
 @pytest.mark.parametrize("family", list(MODELS))

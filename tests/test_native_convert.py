@@ -1,7 +1,9 @@
 """``ucp convert NATIVE_DIR OUT``: plain DeepSpeed checkpoints (ZeRO-2 and ZeRO-3, DP2) converted
 offline. The result must verify, hold exactly what the plugin reads from the native checkpoint (every
-atom state, scalars, training state), resume after an interruption without redoing finished atoms, and
-stay within the stated memory bound on a model whose largest parameter is 13.2 M elements."""
+atom state, scalars, training state), be byte for byte what the plain composition of the library's
+pieces writes (``NativeSource.read`` + ``convert.write_atom``: manifest and every file), resume after an
+interruption without redoing finished atoms, and stay within the stated memory bound on a model whose
+largest parameter is 13.2 M elements."""
 from __future__ import annotations
 
 import json
@@ -46,6 +48,29 @@ def _same(native_dir: str, converted: str) -> None:
     assert a.common_state()["optimizer"] == b.common_state()["optimizer"]
 
 
+def _reference(native_dir: str, out: str) -> None:
+    """The conversion without its shortcuts: zero-filled reads, a plain fsynced write per atom, the
+    digests computed again from the tensors and the file."""
+    from ucp_plugin.format import MANIFEST, Manifest
+    from ucp_plugin.storage.files import atomic_write_text
+    from ucp_plugin.tools import native_convert as N
+    from ucp_plugin.tools.convert import write_atom
+    source = N._source(native_dir)
+    os.makedirs(os.path.join(out, "atoms"))
+    done = [write_atom(out, a, {s: source.read(a.name, s, 0, a.numel, getattr(torch, d)) for s, d in a.states.items()})
+            for a in sorted(source.atoms.values(), key=lambda a: a.name)]
+    head = N.header(source)
+    manifest = Manifest(head.writer, head.layout, tuple(a for a, _ in done),
+                        tuple(f for _, f in done) + tuple(N._state_files(source, out)), iteration=head.iteration,
+                        state_ranks=0)
+    atomic_write_text(os.path.join(out, MANIFEST), manifest.to_json())
+
+
+def _files(folder: str) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(folder) for f in names}
+
+
 @pytest.mark.parametrize("name,workers", [("z2", 1), ("z3", 2)])
 def test_converted_equals_native(native, tmp_path, name, workers):
     from ucp_plugin.cli.main import main
@@ -54,6 +79,32 @@ def test_converted_equals_native(native, tmp_path, name, workers):
     assert main(["convert", native[name], out, "--workers", str(workers)]) == 0
     assert verify(out) == []
     _same(native[name], out)
+    _reference(native[name], str(tmp_path / "ref"))
+    got, ref = _files(out), _files(str(tmp_path / "ref"))
+    assert sorted(got) == sorted(ref)  # no temporary file left behind
+    assert got["ucp.json"] == ref["ucp.json"]
+    assert all(got[k] == ref[k] for k in ref)
+
+
+def test_missing_elements_are_an_error():
+    """Buffers are allocated uninitialised: a state the rank files do not fully cover must fail, naming it."""
+    from ucp_plugin.errors import FormatError
+    from ucp_plugin.format import Atom
+    from ucp_plugin.tools.native_convert import Reader
+
+    class Partial:  # a source whose saved fragments miss the last element
+        path = "ckpt"
+
+        def view(self, name, state):
+            return None
+
+        def fill(self, out, name, state):
+            out[:-1] = 1.0
+            return out.numel() - 1
+
+    atom = Atom("layer.weight", "param", (2, 3), {}, {"fp32": "float32"})
+    with pytest.raises(FormatError, match=r"ckpt: parameter 'layer.weight' \(fp32\): the rank files hold 5 of its 6"):
+        Reader(Partial(), 1 << 20).atom(atom)
 
 
 def test_resumes_after_interruption(native, tmp_path, monkeypatch):
@@ -77,6 +128,25 @@ def test_resumes_after_interruption(native, tmp_path, monkeypatch):
     _same(native["z2"], out)
 
 
+LAZY = """
+import importlib.util, sys
+from ucp_plugin.cli.main import main
+assert main(["convert", sys.argv[1], sys.argv[2]]) == 0
+assert "deepspeed" not in sys.modules, "ucp convert imported deepspeed"
+assert importlib.util.find_spec("deepspeed") is not None and "deepspeed" not in sys.modules  # a look-up only
+import deepspeed
+from deepspeed.runtime.engine import DeepSpeedEngine as E
+names = ("save_checkpoint", "load_checkpoint", "_do_sanity_check", "_configure_distributed_model")
+assert all(getattr(getattr(E, n), "__ucp_original__", None) for n in names), "not patched on import"
+"""
+
+
+def test_convert_does_not_import_deepspeed(native, tmp_path):
+    """The converter only reads files; ``ucp_plugin.deepspeed`` then patches DeepSpeed when it is imported."""
+    subprocess.run([sys.executable, "-c", LAZY, native["z2"], str(tmp_path / "out")], env={**os.environ, **_env()},
+                   timeout=600, check=True)
+
+
 PROBE = """
 import json, resource, sys
 from ucp_plugin.tools import native_convert as N
@@ -88,7 +158,7 @@ print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def test_peak_memory_within_bound(native, tmp_path):
-    """Peak RSS above the baseline (interpreter + imports + the opened source) <= (2S + 1) x the largest
+    """Peak RSS above the baseline (interpreter + imports + the opened source) <= (S + 2) x the largest
     parameter's fp32 bytes (S = 3 states: fp32, exp_avg, exp_avg_sq)."""
     def peak(out: str) -> int:
         r = subprocess.run([sys.executable, "-c", PROBE, native["big_z2"], out], capture_output=True, text=True,
@@ -96,4 +166,5 @@ def test_peak_memory_within_bound(native, tmp_path):
         return json.loads(r.stdout.strip().splitlines()[-1])["peak_kib"] * 1024
     largest = BIG["vocab"] * BIG["d"] * 4
     extra = peak(str(tmp_path / "out")) - peak("-")
-    assert extra <= 7 * largest, (extra / largest)
+    print(f"peak RSS above baseline: {extra / largest:.2f} x the largest parameter")  # shown with -s
+    assert extra <= 5 * largest, (extra / largest)

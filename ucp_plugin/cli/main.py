@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", default="consolidated", choices=["consolidated", "deepspeed"],
                    help="deepspeed: a folder stock DeepSpeed resumes with checkpoint.load_universal")
     s.add_argument("--workers", type=int, default=1,
-                   help="processes converting a native DeepSpeed checkpoint (PATH without ucp.json)")
+                   help="threads converting a native DeepSpeed checkpoint (PATH without ucp.json)")
     s.set_defaults(fn=_convert)
     s = sub.add_parser("export", help="write the model weights as one safetensors file, or as a Hugging Face "
                                       "transformers folder (--to hf)")

@@ -10,10 +10,14 @@ element of each parameter, and only those files are opened.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import math
+import mmap
 import os
 import pickle
+import sys
+import threading
 
 import torch
 
@@ -53,16 +57,52 @@ SAFE_GLOBALS = [(LossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
 
 def safe_load(path: str) -> dict:
     """``torch.load(weights_only=True)`` with DeepSpeed's classes mapped to stand-ins."""
+    return load_mapped(path)[0]
+
+
+def load_mapped(path: str) -> tuple[dict, bool]:
+    """``safe_load``, and whether the tensors are views of a file mapping (not of the legacy format's
+    private copy): only then may their pages be dropped and read again from the file."""
     with torch.serialization.safe_globals(SAFE_GLOBALS):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise FormatError(f"{path}: cannot read ({e})") from None
         except pickle.UnpicklingError as e:
             raise FormatError(f"{path}: refused by the weights-only loader ({str(e).splitlines()[0]}); it "
                               "holds objects other than tensors and DeepSpeed's known metadata") from None
-        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        return torch.load(path, map_location="cpu", weights_only=True), False  # legacy (non-zip) format
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+if _LIBC is not None:
+    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_DONTNEED = 4  # Linux's value
+
+
+def mapped_ranges(obj) -> list[tuple[int, int]]:
+    """(address, bytes) of the storage of every tensor in a loaded object (dicts, lists, tuples)."""
+    found, todo = {}, [obj]
+    while todo:
+        o = todo.pop()
+        if torch.is_tensor(o):
+            s = o.untyped_storage()
+            found[s.data_ptr()] = s.nbytes()
+        elif isinstance(o, dict):
+            todo.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            todo.extend(o)
+    return list(found.items())
+
+
+def drop_pages(ranges: list[tuple[int, int]]) -> None:
+    """``madvise(MADV_DONTNEED)``: the process gives back the mapped pages it touched (they leave its
+    RSS; the file's pages are read again, from the page cache, if touched again). Only for read-only
+    file mappings, whose pages never differ from the file."""
+    for ptr, n in ranges:
+        lo = ptr - ptr % mmap.PAGESIZE
+        _LIBC.madvise(lo, ptr + n - lo, MADV_DONTNEED)  # a range partly unmapped fails harmlessly
 
 
 def is_native(folder: str) -> bool:
@@ -95,7 +135,9 @@ def _kind(cfg: dict, folder: str) -> tuple[str, str]:
 class NativeSource:
     def __init__(self, folder: str):
         self.path = folder
-        self.model = safe_load(model_states_file(folder, 0))
+        self._mapped: list[tuple[int, int]] = []  # pages release() may drop
+        self._lock = threading.Lock()  # files are loaded once, by one thread (readers may be threads)
+        self.model = self._load(model_states_file(folder, 0))  # stage 0 and buffers read from it
         cfg = self.model.get("ds_config") or {}
         self.kind, self.dtype = _kind(cfg, folder)
         self.dp = int(self.model["dp_world_size"])
@@ -121,16 +163,29 @@ class NativeSource:
             return {"base": self.model["optimizer"], "fp32": None}
         prefix = "bf16_" if self.dtype == "bf16" else ""
         path = os.path.join(self.path, f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
-        if path not in self._files:
-            if not os.path.isfile(path):
-                raise FormatError(f"{path}: missing; the native checkpoint is incomplete")
-            osd = safe_load(path)["optimizer_state_dict"]
-            base = osd.get("base_optimizer_state", osd.get("optimizer_state_dict"))
-            fp32 = osd.get("single_partition_of_fp32_groups", osd.get("fp32_flat_groups"))
-            if not isinstance(base, dict) or fp32 is None:
-                raise UnsupportedError(f"{path}: not a rigid ZeRO checkpoint (elastic_checkpoint?)")
-            self._files[path] = {"base": base, "fp32": fp32, "osd": osd}
-        return self._files[path]
+        return self._cached(path, self._load_optim)
+
+    def _load_optim(self, path: str) -> dict:
+        if not os.path.isfile(path):
+            raise FormatError(f"{path}: missing; the native checkpoint is incomplete")
+        osd = self._load(path)["optimizer_state_dict"]
+        base = osd.get("base_optimizer_state", osd.get("optimizer_state_dict"))
+        fp32 = osd.get("single_partition_of_fp32_groups", osd.get("fp32_flat_groups"))
+        if not isinstance(base, dict) or fp32 is None:
+            raise UnsupportedError(f"{path}: not a rigid ZeRO checkpoint (elastic_checkpoint?)")
+        return {"base": base, "fp32": fp32, "osd": osd}
+
+    def _cached(self, path: str, load) -> dict:
+        with self._lock:
+            if path not in self._files:
+                self._files[path] = load(path)
+            return self._files[path]
+
+    def _load(self, path: str) -> dict:
+        obj, mapped = load_mapped(path)
+        if mapped and _LIBC is not None:
+            self._mapped += mapped_ranges(obj)
+        return obj
 
     def _entry(self, rank: int, index: int) -> dict:
         state = self._optim(rank)["base"]["state"]
@@ -179,35 +234,64 @@ class NativeSource:
                                    "model order, so its states cannot be matched to names")
 
     def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        meta, out = self.atoms[name], torch.zeros(stop - start, dtype=dtype)
-        if meta.kind == "buffer" or (meta.kind == "frozen" and self.kind != Z.ZERO3):
-            out.copy_(self.model["module"][name].reshape(-1)[start:stop])
-        elif meta.kind == "frozen":
-            numel = math.prod(meta.shape)
-            ps = Z.zero3_partition_numel(numel, self.dp)
-            for r in range(self.dp):
-                self._copy(out, start, stop, r * ps, min(numel, (r + 1) * ps),
-                           lambda r=r: self._model_states(r)["frozen_param_fragments"][name], 0)
-        elif self.kind == Z.PER_PARAM:
-            src = self.model["module"][name] if state == "fp32" else self._entry(0, self._index(name))[state]
-            out.copy_(src.reshape(-1)[start:stop])
-        else:
-            for pl in self.layout.locate(name):
-                f = pl.fragment
-                self._copy(out, start, stop, f.param_offset, f.param_offset + f.length,
-                           lambda pl=pl: self._buffer(pl.rank, pl.index, state), f.buffer_offset)
+        out = torch.zeros(stop - start, dtype=dtype)
+        self.fill(out, name, state, start)
         return out
 
+    def fill(self, out: torch.Tensor, name: str, state: str, start: int = 0) -> int:
+        """Copy elements ``[start, start + len(out))`` of a state into ``out``; returns how many the
+        saved files held (fewer than ``len(out)`` only if a fragment is missing: the caller may then
+        not rely on ``out`` being initialised)."""
+        meta, stop = self.atoms[name], start + out.numel()
+        whole = self._whole(name, state)
+        if whole is not None:
+            return out.copy_(whole.reshape(-1)[start:stop]).numel()
+        if meta.kind == "frozen":
+            numel = math.prod(meta.shape)
+            ps = Z.zero3_partition_numel(numel, self.dp)
+            return sum(self._copy(out, start, stop, r * ps, min(numel, (r + 1) * ps),
+                                  lambda r=r: self._model_states(r)["frozen_param_fragments"][name], 0)
+                       for r in range(self.dp))
+        return sum(self._copy(out, start, stop, pl.fragment.param_offset,
+                              pl.fragment.param_offset + pl.fragment.length,
+                              lambda pl=pl: self._buffer(pl.rank, pl.index, state), pl.fragment.buffer_offset)
+                   for pl in self.layout.locate(name))
+
+    def view(self, name: str, state: str) -> torch.Tensor | None:
+        """The whole state as a 1-D view of the loaded (mapped) file, no copy, when one saved place
+        holds all of it; None when it is split over ranks (``fill`` assembles it then)."""
+        whole = self._whole(name, state)
+        if whole is not None:
+            return whole.reshape(-1) if whole.is_contiguous() else None
+        places = [] if self.atoms[name].kind == "frozen" else self.layout.locate(name)
+        if len(places) != 1 or places[0].fragment.length != self.atoms[name].numel:
+            return None
+        f = places[0].fragment
+        return self._buffer(places[0].rank, places[0].index, state).reshape(-1)[f.buffer_offset:
+                                                                               f.buffer_offset + f.length]
+
+    def _whole(self, name: str, state: str) -> torch.Tensor | None:
+        """The saved tensor of a state that is never partitioned (buffers, ZeRO-1/2 frozen parameters,
+        stage 0), else None."""
+        meta = self.atoms[name]
+        if meta.kind == "buffer" or (meta.kind == "frozen" and self.kind != Z.ZERO3):
+            return self.model["module"][name]
+        if self.kind == Z.PER_PARAM and meta.kind == "param":
+            return self.model["module"][name] if state == "fp32" else self._entry(0, self._index(name))[state]
+        return None
+
     def release(self) -> None:
-        """Drop the mapped files read so far (a streaming reader calls this between atoms, so the
-        pages it touched do not accumulate in its memory); they are mapped again when needed."""
-        self._files.clear()
+        """Give back the pages of the mapped files touched so far (a streaming reader calls this every
+        so many bytes, so they do not accumulate in its memory). Where pages cannot be dropped (not
+        Linux, legacy files) the files are closed instead and loaded again when needed."""
+        if _LIBC is not None:
+            drop_pages(self._mapped)
+            return
+        with self._lock:
+            self._files.clear()
 
     def _model_states(self, rank: int) -> dict:
-        path = model_states_file(self.path, rank)
-        if path not in self._files:
-            self._files[path] = safe_load(path)
-        return self._files[path]
+        return self._cached(model_states_file(self.path, rank), self._load)
 
     def _index(self, name: str) -> int:
         return [n for n, _ in self.groups[0]].index(name)
@@ -217,11 +301,13 @@ class NativeSource:
         return files["fp32"][index] if state == "fp32" else self._entry(rank, index)[state]
 
     @staticmethod
-    def _copy(out, start, stop, lo, hi, fetch, base) -> None:
-        """Copy source elements [lo, hi) of the atom (at ``base`` in ``fetch()``) that fall in [start, stop)."""
+    def _copy(out, start, stop, lo, hi, fetch, base) -> int:
+        """Copy source elements [lo, hi) of the atom (at ``base`` in ``fetch()``) that fall in [start, stop);
+        returns how many."""
         a, b = max(lo, start), min(hi, stop)
         if a < b:
             out[a - start:b - start] = fetch().reshape(-1)[base + a - lo:base + b - lo]
+        return max(b - a, 0)
 
     def common_state(self) -> dict:
         files = self._optim(0)

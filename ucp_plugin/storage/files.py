@@ -71,11 +71,12 @@ class Written:
 
 
 def write_tensors(path: str, tensors: dict[str, torch.Tensor], chunks: dict[str, int] | None = None,
-                  digest_key: str | None = None) -> Written:
+                  digest_key: str | None = None, sync: bool = True) -> Written:
     """Write a safetensors file, fsynced, hashing every byte as it is written (never re-read): the
     whole file's SHA-256 and, for each key in ``chunks``, the SHA-256 of its consecutive
     ``chunks[key]``-element chunks. With ``digest_key`` those chunk digests (32 raw bytes each, in
-    the order of ``tensors``) are stored in the same file as a last uint8 tensor of that name."""
+    the order of ``tensors``) are stored in the same file as a last uint8 tensor of that name.
+    ``sync=False`` leaves the fsync to the caller (``fsync_file``, e.g. in a background thread)."""
     chunks = chunks or {}
     flats = {k: v.detach().reshape(-1).contiguous() for k, v in tensors.items()}
     n_digests = sum(_n_chunks(flats[k].numel(), c) for k, c in chunks.items())
@@ -98,7 +99,8 @@ def write_tensors(path: str, tensors: dict[str, torch.Tensor], chunks: dict[str,
         if digest_key:
             _write_hashed(f, whole, b"".join(d for k in flats if k in chunks for d in digests[k]), 0)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
         size = f.tell()
     return Written(size, whole.hexdigest(), digests)
 
@@ -231,3 +233,12 @@ def read_latest(root: str) -> str | None:
 
 def write_latest(root: str, tag: str) -> None:
     atomic_write_text(os.path.join(root, LATEST), tag)
+
+
+def fsync_file(path: str) -> None:
+    """Make a file written earlier (``write_tensors(..., sync=False)``) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -3,31 +3,39 @@ without the plugin) rewritten offline as a universal checkpoint in the consolida
 
 It reads through ``deepspeed.native.NativeSource`` (what ``engine.load_checkpoint`` with the plugin
 reads: ``plan.zero`` says which saved rank's file holds which element of each parameter). Streaming:
-each atom is assembled from its fragments and written once, straight to its file
-``atoms/<name>.safetensors`` (no temporary copy of the checkpoint); the memory-mapped rank files are
-released whenever the bytes read since the last release reach the largest parameter's fp32 size L.
-Memory bound, per worker: one atom's S states (Adam: fp32, exp_avg, exp_avg_sq; at most S x L) plus
-the pages touched in the mapped files since the last release (at most L + S x L), i.e.
-``(2S + 1) x L`` above the interpreter's baseline (a test checks it).
-``workers`` processes convert disjoint atoms. Resumable: an atom file that an interrupted run finished
-is kept (one cut short fails to open and is rewritten); the manifest, written last, commits.
+each atom is assembled from its fragments into uninitialised buffers (every element is then counted as
+copied, instead of zero-filling first) and written once, hashed as it is written (whole-file SHA-256
+and per-chunk digests in the same pass), to a temporary name; a background thread fsyncs and renames
+it to ``atoms/<name>.safetensors`` while the next atom is read. No temporary copy of the checkpoint.
+
+Memory bound, one worker: one atom's S states (Adam: fp32, exp_avg, exp_avg_sq; at most S x L, L the
+largest parameter's fp32 bytes) plus the mapped rank-file pages touched since they were last given
+back (``NativeSource.release`` every L bytes read, checked after each state: below L + L), i.e.
+``(S + 2) x L`` above the interpreter's baseline (a test checks it). ``workers`` threads convert
+disjoint atoms (copies, hashing, writes and fsyncs release the GIL): ``workers x S x L + (workers + 1)
+x L``. Resumable: an atom file at its final name is complete (renamed after its fsync) and is kept; the
+manifest, written last, commits.
 """
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
 from .. import __version__
 from ..errors import FormatError
-from ..format import MANIFEST, Atom, FileEntry, Layout, Manifest, Writer
+from ..format import MANIFEST, Atom, FileEntry, Layout, Manifest, Piece, Region, Writer
 from ..plan import zero as Z
-from ..storage.files import atomic_write_text, open_tensors, save_tree
-from .convert import _atom_file, atom_record, write_atom
+from ..storage.files import atomic_write_text, fsync_dir, fsync_file, open_tensors, save_tree, write_tensors
+from ..storage.writer import CHUNK_ELEMS
+from .convert import _atom_file, atom_record
 
 ADAPTER = "deepspeed.native-convert"
 STAGES = {Z.PER_PARAM: 0, Z.ZERO3: 3}
+PARTIAL = ".partial"  # an atom file being written; renamed once durable
 
 
 def _source(folder: str):
@@ -47,48 +55,89 @@ def _finished(out: str, atom: Atom) -> dict[str, torch.Tensor] | None:
     try:
         with open_tensors(path) as f:
             flat = {s: f.get_tensor(s) for s in atom.states}
-    except Exception:  # cut short by the interruption: written again
+    except Exception:  # not ours or damaged since: written again
         return None
     return flat if all(t.numel() == atom.numel for t in flat.values()) else None
 
 
 class Reader:
-    """A source whose mapped rank files are released once the bytes read since the last release reach
-    ``budget`` (the largest parameter's fp32 bytes): the pages touched never exceed budget plus one
-    atom, and small atoms do not pay a re-mapping each (re-opening costs a torch.load per rank file)."""
+    """Reads atoms' states from a source shared by the worker threads, and gives back the mapped
+    pages once the bytes read since the last release reach ``budget`` (the largest parameter's fp32
+    bytes): per thread the pages touched stay below budget plus one state, while small atoms do not
+    pay a release each."""
 
     def __init__(self, source, budget: int):
         self.source, self.budget, self.since = source, budget, 0
+        self._lock = threading.Lock()
+
+    def state(self, atom: Atom, state: str) -> torch.Tensor:
+        dtype = getattr(torch, atom.states[state])
+        out = self.source.view(atom.name, state)
+        if out is None or out.dtype != dtype or out.numel() != atom.numel:
+            out = torch.empty(atom.numel, dtype=dtype)
+            copied = self.source.fill(out, atom.name, state)
+        else:
+            copied = atom.numel
+        if copied != atom.numel:
+            raise FormatError(f"{self.source.path}: parameter {atom.name!r} ({state}): the rank files hold "
+                              f"{copied} of its {atom.numel} elements; the checkpoint is incomplete or "
+                              "its files come from different saves")
+        with self._lock:
+            self.since += out.numel() * out.element_size()
+            release = self.since >= self.budget
+            if release:
+                self.since = 0
+        if release:
+            self.source.release()
+        return out
 
     def atom(self, atom: Atom) -> dict[str, torch.Tensor]:
-        tensors = {s: self.source.read(atom.name, s, 0, atom.numel, getattr(torch, d))
-                   for s, d in atom.states.items()}
-        self.since += atom_bytes(atom)
-        if self.since >= self.budget:
-            self.source.release()
-            self.since = 0
-        return tensors
+        return {s: self.state(atom, s) for s in atom.states}
 
 
-def convert_atom(reader: Reader, out: str, atom: Atom) -> tuple[Atom, FileEntry]:
-    flat = _finished(out, atom)
-    if flat is not None:
-        return atom_record(out, atom, flat)
-    return write_atom(out, atom, reader.atom(atom))
+def write_atom(out: str, atom: Atom, flat: dict[str, torch.Tensor]) -> tuple[Atom, FileEntry, str]:
+    """One atom's 1-D states written to ``atoms/<name>.safetensors.partial``, hashed as written, not yet
+    durable: the atom with its pieces, the file's manifest entry, and the temporary path."""
+    rel = _atom_file(atom.name)
+    tmp = os.path.join(out, rel + PARTIAL)
+    w = write_tensors(tmp, flat, chunks={s: CHUNK_ELEMS for s in flat}, sync=False)
+    whole = Region.whole(atom.shape)
+    pieces = tuple(Piece(s, rel, s, whole, 0, atom.numel, 0, CHUNK_ELEMS, tuple(d.hex() for d in w.digests[s]))
+                   for s in flat)
+    return replace(atom, pieces=pieces), FileEntry(rel, w.bytes, w.sha256), tmp
+
+
+def _commit(tmp: str) -> None:
+    fsync_file(tmp)
+    os.replace(tmp, tmp[:-len(PARTIAL)])
+
+
+class Converter:
+    """Converts atoms (from any thread) and commits their files in one background thread."""
+
+    def __init__(self, source, out: str):
+        self.out, self.reader = out, Reader(source, budget(source))
+        self._commits = ThreadPoolExecutor(1, thread_name_prefix="ucp-fsync")
+        self._pending: list[Future] = []
+
+    def atom(self, atom: Atom) -> tuple[Atom, FileEntry]:
+        flat = _finished(self.out, atom)
+        if flat is not None:
+            return atom_record(self.out, atom, flat)
+        done, entry, tmp = write_atom(self.out, atom, self.reader.atom(atom))
+        self._pending.append(self._commits.submit(_commit, tmp))
+        return done, entry
+
+    def close(self) -> None:
+        """Wait for every file's fsync and rename (also after an error: what was written is kept)."""
+        self._commits.shutdown(wait=True)
+        for f in self._pending:
+            f.result()
+        fsync_dir(os.path.join(self.out, "atoms"))
 
 
 def budget(source) -> int:
     return max(a.numel for a in source.atoms.values()) * 4
-
-
-_WORKER: dict = {}
-
-
-def _work(folder: str, out: str, atom: Atom) -> tuple[Atom, FileEntry]:
-    if _WORKER.get("folder") != folder:  # one source per worker process, opened on its first atom
-        source = _source(folder)
-        _WORKER.update(folder=folder, reader=Reader(source, budget(source)))
-    return convert_atom(_WORKER["reader"], out, atom)
 
 
 def header(source) -> Manifest:
@@ -100,6 +149,18 @@ def header(source) -> Manifest:
                     iteration=source.model.get("global_steps"))
 
 
+def _convert_all(conv: Converter, atoms: list[Atom], workers: int, bar) -> dict[str, tuple[Atom, FileEntry]]:
+    def one(atom: Atom) -> tuple[Atom, FileEntry]:
+        record = conv.atom(atom)
+        bar.update(atom_bytes(atom))
+        return record
+
+    if workers <= 1:
+        return {a.name: one(a) for a in atoms}
+    with ThreadPoolExecutor(workers, thread_name_prefix="ucp-convert") as pool:
+        return dict(zip((a.name for a in atoms), pool.map(one, atoms)))
+
+
 def convert_native(folder: str, out: str, workers: int = 1, progress: bool = False) -> str:
     from tqdm import tqdm
 
@@ -108,20 +169,13 @@ def convert_native(folder: str, out: str, workers: int = 1, progress: bool = Fal
         raise FormatError(f"{out}: already a converted checkpoint (ucp.json); choose a new folder")
     os.makedirs(os.path.join(out, "atoms"), exist_ok=True)
     atoms = sorted(source.atoms.values(), key=lambda a: a.name)
-    done: dict[str, tuple[Atom, FileEntry]] = {}
+    conv = Converter(source, out)
     with tqdm(total=sum(map(atom_bytes, atoms)), unit="B", unit_scale=True, desc="convert",
               disable=not progress) as bar:
-        if workers <= 1:
-            reader = Reader(source, budget(source))
-            for atom in atoms:
-                done[atom.name] = convert_atom(reader, out, atom)
-                bar.update(atom_bytes(atom))
-        else:
-            with ProcessPoolExecutor(workers) as pool:
-                futures = {pool.submit(_work, folder, out, a): a for a in atoms}
-                for f in as_completed(futures):
-                    done[futures[f].name] = f.result()
-                    bar.update(atom_bytes(futures[f]))
+        try:
+            done = _convert_all(conv, atoms, workers, bar)
+        finally:
+            conv.close()
     files = [done[a.name][1] for a in atoms] + _state_files(source, out)
     manifest = header(source)
     manifest = Manifest(manifest.writer, manifest.layout, tuple(done[a.name][0] for a in atoms), tuple(files),
