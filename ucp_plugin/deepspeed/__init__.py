@@ -9,15 +9,10 @@ save DeepSpeed's own format). It calls ``enable()``, which wraps four engine met
 refuses settings the adapter cannot save (``config.check_engine``, before and after the engine wraps
 the model). Engines without the config key keep DeepSpeed's behaviour; ``disable()`` removes the
 wrappers. ``load_checkpoint`` also reads native DeepSpeed checkpoints (``native.py``) onto any layout.
-
-If ``deepspeed`` is not imported yet, ``enable()`` runs right after its import instead (a hook on
-``sys.meta_path``), and ``save_checkpoint`` / ``load_checkpoint`` are imported on first use: a tool that
-only reads files (``ucp convert`` through ``native.py``) does not pay DeepSpeed's import.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.util
 import os
 import sys
@@ -26,6 +21,8 @@ from packaging.version import Version
 
 from ..errors import UnsupportedError
 from .config import UniversalConfig, check_engine, is_enabled, read_config
+from .load import load_checkpoint
+from .save import save_checkpoint
 
 __all__ = ["enable", "disable", "is_enabled", "read_config", "UniversalConfig", "save_checkpoint",
            "load_checkpoint"]
@@ -63,8 +60,8 @@ def enable() -> None:
     if not Version(low) <= Version(deepspeed.__version__) < Version(high):
         raise UnsupportedError(f"DeepSpeed {deepspeed.__version__} is outside the versions ucp_plugin "
                                f"patches ([{low}, {high})); install a supported DeepSpeed")
-    save_patch.install(DeepSpeedEngine, is_enabled, _save)
-    load_patch.install(DeepSpeedEngine, is_enabled, _load)
+    save_patch.install(DeepSpeedEngine, is_enabled, save_checkpoint)
+    load_patch.install(DeepSpeedEngine, is_enabled, load_checkpoint)
     check_patch.install(DeepSpeedEngine, is_enabled, check_engine)
     model_patch.install(DeepSpeedEngine, is_enabled, check_engine)  # again, once the model is wrapped
 
@@ -77,49 +74,4 @@ def disable() -> None:
         _patch(name).uninstall(DeepSpeedEngine)
 
 
-def _save(*args, **kwargs):
-    """``save.save_checkpoint``, imported at the first call: ``enable()`` may run from inside an import
-    of ``deepspeed`` that ``save.py`` itself started (the hook below)."""
-    from .save import save_checkpoint
-    return save_checkpoint(*args, **kwargs)
-
-
-def _load(*args, **kwargs):
-    from .load import load_checkpoint
-    return load_checkpoint(*args, **kwargs)
-
-
-def __getattr__(name: str):
-    if name in ("save_checkpoint", "load_checkpoint"):  # save.py imports deepspeed
-        return getattr(importlib.import_module(f".{name.split('_')[0]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _EnableOnImport(importlib.abc.MetaPathFinder):
-    """Calls ``enable()`` as soon as an ``import deepspeed`` has executed, then leaves ``sys.meta_path``.
-    A mere look-up (``importlib.util.find_spec("deepspeed")``, as availability checks do) keeps it."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "deepspeed":
-            return None
-        for finder in sys.meta_path:
-            spec = None if finder is self else getattr(finder, "find_spec", lambda *a: None)(name, path, target)
-            if spec is not None:
-                break
-        if spec is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        run = spec.loader.exec_module  # the loader object is this spec's own
-
-        def exec_then_enable(module):
-            run(module)
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-            enable()
-        spec.loader.exec_module = exec_then_enable
-        return spec
-
-
-if "deepspeed" in sys.modules:
-    enable()
-elif not any(isinstance(f, _EnableOnImport) for f in sys.meta_path):
-    sys.meta_path.insert(0, _EnableOnImport())
+enable()
