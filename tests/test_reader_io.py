@@ -35,7 +35,9 @@ def _read_tp4(path: str, verify: bool) -> tuple[list[torch.Tensor], int, int]:
     return parts, needed, ck.bytes_read
 
 
-def test_unverified_reads_fetch_exactly_what_is_needed(tmp_path):
+def test_unverified_reads_fetch_the_needed_runs_and_sub_page_gaps_only(tmp_path, monkeypatch):
+    from ucp_plugin.storage import reader
+
     for dtype in (torch.float32, torch.bfloat16):
         root = tmp_path / str(dtype)
         root.mkdir()
@@ -44,7 +46,13 @@ def test_unverified_reads_fetch_exactly_what_is_needed(tmp_path):
         exact, needed, fetched = _read_tp4(str(root / "ck"), verify=False)
         for rank, part in enumerate(exact):
             assert torch.equal(part, full[:, rank * 24:(rank + 1) * 24].float())
-        assert fetched == needed * size
+        # each TP4 rank needs 24 of the 48 columns of every stored row: 24-element gaps, under a
+        # page, so one read spans its 200 runs and the 199 gaps between them
+        assert fetched == 4 * (199 * 48 + 24) * size
+        with monkeypatch.context() as m:
+            m.setattr(reader, "PAGE", 1)  # no gap is small enough to join: exactly the needed runs
+            again, _, fetched_runs = _read_tp4(str(root / "ck"), verify=False)
+        assert fetched_runs == needed * size and all(torch.equal(a, b) for a, b in zip(exact, again))
         checked, _, fetched_verified = _read_tp4(str(root / "ck"), verify=True)
         assert all(torch.equal(a, b) for a, b in zip(exact, checked))
         # verification fetches whole chunks: each TP4 rank reads half of every TP2 row
