@@ -1,5 +1,6 @@
 """What the reader fetches: exactly the elements a fragment needs without verification, whole
 verification chunks with it (row-parallel resharding is the worst case: every row is a short run)."""
+import pytest
 import torch
 
 from ucp_plugin.format import Atom, Layout
@@ -72,3 +73,51 @@ def test_parallel_reads_fill_a_view_of_a_trainable_buffer(tmp_path, monkeypatch)
         view = flat[7:]
     ck.read_fragment("w", "fp32", region, 0, view.numel(), torch.float32, out=view)
     assert torch.equal(flat[7:].detach().view(SHAPE), full)
+
+
+def _write_flat(root: str, n: int = 10_000) -> torch.Tensor:
+    """One 1-D atom saved whole by one rank (chunks of 1,250 elements: n / 8)."""
+    full = torch.randn(n)
+    staging = prepare_staging(root, ".stage")
+    w = ShardWriter(staging, 0)
+    w.add_atom(Atom("v", "param", (n,), {"kind": "replicated"}, {"fp32": "float32"}, {}))
+    w.add("v", "fp32", full, region_for(Partitioned(0), (n,), 0, 1), 0)
+    w.finish()
+    commit(root, staging, "ck", 1, SaveHeader("test", "1", "none", "0", Layout()).manifest())
+    return full
+
+
+def test_verified_read_of_a_slice_with_partial_edge_chunks(tmp_path):
+    """Elements 1000..8000 into the middle of a larger buffer: chunks 1..5 lie inside and are read
+    straight into it, chunks 0 and 6 are partial and go through the bounce buffer; whole chunks only
+    are read, and nothing outside the destination slice is written."""
+    full = _write_flat(str(tmp_path))
+    ck = Checkpoint.open(str(tmp_path / "ck"))
+    assert ck.atom("v").pieces[0].chunk_elems == 1250
+    buf = torch.full((7200,), -1.0)
+    region = region_for(Partitioned(0), (10_000,), 0, 1)
+    ck.read_fragment("v", "fp32", region, 1000, 8000, out=buf[100:7100])
+    assert torch.equal(buf[100:7100], full[1000:8000])
+    assert (buf[:100] == -1).all() and (buf[7100:] == -1).all()
+    assert ck.bytes_read == 7 * 1250 * 4  # chunks 0..6, whole
+
+
+def test_corrupt_byte_in_a_chunk_read_in_place_raises_naming_the_file(tmp_path):
+    from ucp_plugin.errors import FormatError
+    from ucp_plugin.storage.files import TensorFile
+
+    _write_flat(str(tmp_path))
+    ck = Checkpoint.open(str(tmp_path / "ck"))
+    piece = ck.atom("v").pieces[0]
+    path = tmp_path / "ck" / piece.file
+    at = TensorFile(str(path)).offset(piece.key) + (3 * 1250 + 17) * 4  # inside chunk 3
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    region = region_for(Partitioned(0), (10_000,), 0, 1)
+    with pytest.raises(FormatError, match=f"{piece.file}: 'v/.*' chunk 3 fails its SHA-256 check"):
+        ck.read_fragment("v", "fp32", region, 1000, 8000, out=torch.empty(7000))
+    ok = Checkpoint.open(str(tmp_path / "ck"), verify=False)  # the check is what caught it
+    ok.read_fragment("v", "fp32", region, 1000, 8000, out=torch.empty(7000))

@@ -12,10 +12,12 @@ go through a per-thread staging buffer. ``read_fragment`` is plan and execute in
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -66,6 +68,24 @@ def _bounce(nbytes: int) -> torch.Tensor:
     if buf is None:
         buf = _local.bounce = torch.empty(BOUNCE_BYTES, dtype=torch.uint8)
     return buf[:nbytes]
+
+
+class Clock:
+    """Seconds spent reading, verifying and copying, summed over the pool's threads (a load's
+    phases: ``benchmarks/load_bench.py --phases``)."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(("read", "verify", "copy"), 0.0)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[what] += time.perf_counter() - start
 
 
 def _spans(copies: tuple[Copy, ...], gap: int) -> list[tuple[int, int]]:
@@ -144,6 +164,7 @@ class Checkpoint:
         self._manifest: Manifest | None = None
         self.bytes_read = 0
         self._count = threading.Lock()  # fetches of a batch run on a pool
+        self.clock = Clock()
 
     @staticmethod
     def open(path: str, verify: bool = True) -> "Checkpoint":
@@ -289,7 +310,7 @@ class Checkpoint:
         the thread's bounce buffer, hashed, and its part copied."""
         piece, size, e = f.piece, dst.element_size(), s + dst.numel()
         if not f.verify:
-            tf.read_into(piece.key, s * size, e * size, dst)
+            self._read(tf, piece.key, s * size, e * size, dst)
             return (e - s) * size
         c, n = piece.chunk_elems, piece.stop - piece.start
         k0, k1 = s // c, (e - 1) // c + 1
@@ -302,10 +323,11 @@ class Checkpoint:
             read += self._whole_chunks(tf, piece, whole, digests, k0, s, dst)
             whole = []
             buf = _bounce((hi - lo) * size)
-            tf.read_into(piece.key, lo * size, hi * size, buf)
+            self._read(tf, piece.key, lo * size, hi * size, buf)
             self._check(piece, k, buf, digests[k - k0])
             a, b = max(lo, s), min(hi, e)
-            dst[a - s:b - s].copy_(buf.view(dst.dtype)[a - lo:b - lo])
+            with self.clock("copy"):
+                dst[a - s:b - s].copy_(buf.view(dst.dtype)[a - lo:b - lo])
             read += (hi - lo) * size
         return read + self._whole_chunks(tf, piece, whole, digests, k0, s, dst)
 
@@ -316,7 +338,7 @@ class Checkpoint:
             return 0
         c, n, size = piece.chunk_elems, piece.stop - piece.start, dst.element_size()
         lo, hi = ks[0] * c, min((ks[-1] + 1) * c, n)
-        tf.read_into(piece.key, lo * size, hi * size, dst[lo - s:hi - s])
+        self._read(tf, piece.key, lo * size, hi * size, dst[lo - s:hi - s])
         raw = raw_bytes(dst[lo - s:hi - s])
         for k in ks:
             self._check(piece, k, raw[(k * c - lo) * size:(min((k + 1) * c, n) - lo) * size], digests[k - k0])
@@ -329,7 +351,7 @@ class Checkpoint:
         nbytes = (f.hi - f.lo) * size
         buf = _bounce(nbytes) if nbytes <= BOUNCE_BYTES else torch.empty(nbytes, dtype=torch.uint8)
         if f.verify:
-            tf.read_into(piece.key, f.lo * size, f.hi * size, buf)
+            self._read(tf, piece.key, f.lo * size, f.hi * size, buf)
             read = nbytes
             c = piece.chunk_elems
             k0 = f.lo // c
@@ -340,11 +362,12 @@ class Checkpoint:
         else:  # only the copied runs, those less than a page apart joined into one read
             read = 0
             for lo, hi in _spans(f.copies, PAGE // size):
-                tf.read_into(piece.key, (f.lo + lo) * size, (f.lo + hi) * size, buf[lo * size:hi * size])
+                self._read(tf, piece.key, (f.lo + lo) * size, (f.lo + hi) * size, buf[lo * size:hi * size])
                 read += (hi - lo) * size
         data = buf.view(dtype)
-        for cp in f.copies:
-            _copy(cp, data, out)
+        with self.clock("copy"):
+            for cp in f.copies:
+                _copy(cp, data, out)
         return read
 
     def _read_transposed(self, name, state, region, start, stop, out: torch.Tensor) -> torch.Tensor:
@@ -376,9 +399,15 @@ class Checkpoint:
                               "the file is from another checkpoint — re-save it")
         return tf, tf.dtype(piece.key)
 
+    def _read(self, tf: TensorFile, key: str, byte_lo: int, byte_hi: int, dst) -> None:
+        with self.clock("read"):
+            tf.read_into(key, byte_lo, byte_hi, dst)
+
     def _check(self, piece: Piece, k: int, data, digest: bytes | None) -> None:
         """Chunk ``k`` of ``piece`` (its bytes, any buffer) against its recorded SHA-256."""
-        if hashlib.sha256(raw_bytes(data) if torch.is_tensor(data) else data).digest() != digest:
+        with self.clock("verify"):
+            ok = hashlib.sha256(raw_bytes(data) if torch.is_tensor(data) else data).digest() == digest
+        if not ok:
             raise FormatError(f"{os.path.join(self.path, piece.file)}: {piece.key!r} chunk {k} fails "
                               "its SHA-256 check (the file was modified or damaged); restore the "
                               "file or re-save, or load with verify=False to skip checks")
