@@ -63,7 +63,10 @@ _local = threading.local()
 
 
 def _bounce(nbytes: int) -> torch.Tensor:
-    """The first ``nbytes`` of this thread's staging buffer (allocated once per thread, reused)."""
+    """The first ``nbytes`` of this thread's staging buffer (allocated once per thread, reused); a
+    new buffer when more is asked (chunks larger than ours, from another writer)."""
+    if nbytes > BOUNCE_BYTES:
+        return torch.empty(nbytes, dtype=torch.uint8)
     buf = getattr(_local, "bounce", None)
     if buf is None:
         buf = _local.bounce = torch.empty(BOUNCE_BYTES, dtype=torch.uint8)
@@ -349,7 +352,7 @@ class Checkpoint:
         buffer when it fits), verified chunk by chunk, then copied out."""
         size, piece = dtype.itemsize, f.piece
         nbytes = (f.hi - f.lo) * size
-        buf = _bounce(nbytes) if nbytes <= BOUNCE_BYTES else torch.empty(nbytes, dtype=torch.uint8)
+        buf = _bounce(nbytes)
         if f.verify:
             self._read(tf, piece.key, f.lo * size, f.hi * size, buf)
             read = nbytes
