@@ -209,7 +209,7 @@ def save_worker(size: str, root: str, reps: int) -> dict:
     engine.backward(engine(x[:, :-1], x[:, 1:]))
     engine.step()
     params = engine._config._param_dict
-    times = {"native": [], "universal": []}
+    times, split = {"native": [], "universal": []}, {"native": [], "universal": []}
     for rep in range(reps):
         for side in (("native", "universal") if rep % 2 == 0 else ("universal", "native")):
             folder = os.path.join(root, side)
@@ -218,13 +218,17 @@ def save_worker(size: str, root: str, reps: int) -> dict:
             params["checkpoint"] = {"universal": side == "universal"}
 
             def save():
+                start = time.perf_counter()
                 engine.save_checkpoint(folder, tag=TAG)
+                written = time.perf_counter()
                 fsync_share(folder, rank, world)
+                # where a save's time goes: the call itself, then making what it left unsynced durable
+                split[side].append({"save_call": written - start, "fsync": time.perf_counter() - written})
             times[side].append(_timed(save, dist.barrier))
     params["checkpoint"] = {}
     sums = _sums(engine)
     engine.destroy()
-    return {"rank": rank, "times": times, "sums": sums,
+    return {"rank": rank, "times": times, "split": split, "sums": sums,
             "numel": sum(p.numel() for p in engine.module.parameters())}
 
 
@@ -408,6 +412,8 @@ def deepspeed_part(args, results: dict) -> None:
     saved = saves[0]["sums"]
     results["model_params"] = saves[0]["numel"]
     results["save"] = {side: saves[0]["times"][side] for side in ("native", "universal")}
+    results["save_split"] = {side: {k: [max(r["split"][side][i][k] for r in saves) for i in range(reps)]
+                                    for k in ("save_call", "fsync")} for side in ("native", "universal")}
     results["checkpoint_bytes"] = {side: _folder_bytes(os.path.join(root, side, TAG)) for side in ("native", "universal")}
     results["convert"] = run_phase(results, "ds_to_universal", lambda: convert(root, reps))
     results["loads"] = {}

@@ -85,6 +85,9 @@ def print_deepspeed(results: dict) -> None:
           f"{_mb(results['checkpoint_bytes']['native'])}, universal {_mb(results['checkpoint_bytes']['universal'])}")
     save = results["save"]
     print(f"save DP4 (durable): native {med(save['native']):.2f} s, universal {med(save['universal']):.2f} s")
+    for side, split in results.get("save_split", {}).items():
+        print(f"  {side} save, busiest rank: save_checkpoint {med(split['save_call']):.2f} s, then fsync of "
+              f"what it left unsynced {med(split['fsync']):.2f} s")
     print(f"ds_to_universal conversion: {med(results['convert']):.2f} s")
     print(f"{'load':6} {'side':13} {'median s':>9} {'peak RSS/rank':>14} {'RSS before':>11} "
           f"{'read/rank (max)':>16} {'kept/rank':>10} {'restored':>9}")
