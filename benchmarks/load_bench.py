@@ -15,7 +15,7 @@ allocated; the timed span is ``engine.load_checkpoint`` between two barriers. Pe
 VmHWM during the load (reset through ``/proc/self/clear_refs`` right before it, so it includes the
 engine itself);
 bytes read are the plugin's own accounting and ``/proc/self/io`` (``rchar``: bytes returned by read
-calls, which is what ``torch.load`` uses; the plugin maps its files, so its count is its own).
+calls: ``torch.load`` and the plugin's ``preadv`` alike).
 Each load is checked: the engine's weights, fp32 master and optimizer states are zeroed before it
 (untimed), and after it the weights and optimizer state sums must equal the saved ones.
 
