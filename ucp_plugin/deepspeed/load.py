@@ -2,6 +2,12 @@
 dtype: each rank plans its own buffers (``plan.zero``), reads exactly those element ranges of each
 atom state from the source, writes them into the fp32 buffers and optimizer state, then lets DeepSpeed
 refresh the low-precision parameters from the fp32 master (docs/deepspeed-internals.md).
+
+A plain model read from a universal checkpoint goes describe -> plan -> execute: ``describe`` lists
+every read of the rank as frozen ``Want``s (item and destination), ``UcpSource.read_batch`` plans
+them all (``plan.reads.BatchPlan``, a value) and executes them as one pool straight into the
+buffers. Other sources (native, ``ds_to_universal`` folders) and model-parallel bindings read
+fragment by fragment.
 """
 from __future__ import annotations
 
