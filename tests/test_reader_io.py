@@ -75,6 +75,24 @@ def test_parallel_reads_fill_a_view_of_a_trainable_buffer(tmp_path, monkeypatch)
     assert torch.equal(flat[7:].detach().view(SHAPE), full)
 
 
+def test_pool_reads_straight_into_slices_of_a_trainable_buffer(tmp_path, monkeypatch):
+    """A batch of two unaligned ranges on the pool, each read straight into a slice of a leaf that
+    requires grad, with partial chunks at both ends copied out of the bounce buffer."""
+    from ucp_plugin.plan.reads import ReadItem
+    from ucp_plugin.storage import reader
+
+    monkeypatch.setattr(reader, "PARALLEL_ELEMS", 1)
+    full = _write_flat(str(tmp_path))
+    ck = Checkpoint.open(str(tmp_path / "ck"))
+    region = region_for(Partitioned(0), (10_000,), 0, 1)
+    flat = torch.zeros(9000, requires_grad=True)
+    items = [ReadItem("v", "fp32", region, 1001, 5001), ReadItem("v", "fp32", region, 5001, 9001)]
+    with torch.no_grad():
+        outs = [flat[0:4000], flat[4000:8000]]
+    ck.execute_batch(ck.plan_batch(items), outs)
+    assert torch.equal(flat[:8000].detach(), full[1001:9001]) and (flat[8000:] == 0).all()
+
+
 def _write_flat(root: str, n: int = 10_000) -> torch.Tensor:
     """One 1-D atom saved whole by one rank (chunks of 1,250 elements: n / 8)."""
     full = torch.randn(n)

@@ -297,6 +297,7 @@ class Checkpoint:
         with self._count:
             self.bytes_read += read
 
+    @torch.no_grad()  # pool threads do not inherit the caller's grad mode; a load is never tracked
     def _fetch(self, f: Fetch, out: torch.Tensor) -> int:
         """One fetch: read (and verify) its range, copy it out; returns the bytes read. A single
         plain copy into CPU memory of the stored dtype is read straight into the destination."""
