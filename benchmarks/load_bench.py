@@ -15,7 +15,7 @@ allocated; the timed span is ``engine.load_checkpoint`` between two barriers. Pe
 VmHWM during the load (reset through ``/proc/self/clear_refs`` right before it, so it includes the
 engine itself);
 bytes read are the plugin's own accounting and ``/proc/self/io`` (``rchar``: bytes returned by read
-calls, which is what ``torch.load`` uses; the plugin maps its files, so its count is its own).
+calls: ``torch.load`` and the plugin's ``preadv`` alike).
 Each load is checked: the engine's weights, fp32 master and optimizer states are zeroed before it
 (untimed), and after it the weights and optimizer state sums must equal the saved ones.
 
@@ -40,6 +40,8 @@ import torch
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.load_report import markdown, med, print_report, targets  # noqa: E402
 
 SIZES = {  # GPT-2 small and medium shapes (tied embedding, 1024 positions)
     "125m": dict(vocab=50257, seq=1024, d_model=768, heads=12, layers=12, ffn=3072),
@@ -207,7 +209,7 @@ def save_worker(size: str, root: str, reps: int) -> dict:
     engine.backward(engine(x[:, :-1], x[:, 1:]))
     engine.step()
     params = engine._config._param_dict
-    times = {"native": [], "universal": []}
+    times, split = {"native": [], "universal": []}, {"native": [], "universal": []}
     for rep in range(reps):
         for side in (("native", "universal") if rep % 2 == 0 else ("universal", "native")):
             folder = os.path.join(root, side)
@@ -216,13 +218,17 @@ def save_worker(size: str, root: str, reps: int) -> dict:
             params["checkpoint"] = {"universal": side == "universal"}
 
             def save():
+                start = time.perf_counter()
                 engine.save_checkpoint(folder, tag=TAG)
+                written = time.perf_counter()
                 fsync_share(folder, rank, world)
+                # where a save's time goes: the call itself, then making what it left unsynced durable
+                split[side].append({"save_call": written - start, "fsync": time.perf_counter() - written})
             times[side].append(_timed(save, dist.barrier))
     params["checkpoint"] = {}
     sums = _sums(engine)
     engine.destroy()
-    return {"rank": rank, "times": times, "sums": sums,
+    return {"rank": rank, "times": times, "split": split, "sums": sums,
             "numel": sum(p.numel() for p in engine.module.parameters())}
 
 
@@ -359,10 +365,6 @@ def convert(root: str, reps: int) -> list[float]:
     return times
 
 
-def med(values) -> float:
-    return statistics.median(values)
-
-
 def summarise_loads(rows: list[list[dict]], saved: dict) -> dict:
     """Per side: median seconds, worst-rank peak RSS, bytes; and whether every load restored the save."""
     by_side: dict[str, list] = {}
@@ -383,8 +385,16 @@ def summarise_loads(rows: list[list[dict]], saved: dict) -> dict:
             "plugin_fetched_per_rank": [r["plugin_bytes"]["fetched"] for r in loads[-1]] if kept else None,
             "plugin_requested_per_rank": kept,
             "restored": all(_close(r["sums"], saved) for ls in loads for r in ls),
+            "phases": _phases(loads) if kept else None,
         }
     return out
+
+
+def _phases(loads: list) -> dict:
+    """Per phase of the plugin's loads (``ucp_load`` report: open, plan, execute; read, verify and
+    copy summed over the read pool's threads): the median over loads of the busiest rank's seconds."""
+    names = sorted({k for ls in loads for r in ls for k in (r["plugin_bytes"] or {}).get("phases", {})})
+    return {k: med([max(r["plugin_bytes"]["phases"].get(k, 0.0) for r in ls) for ls in loads]) for k in names}
 
 
 def _close(a: dict, b: dict, rel: float = 1e-9) -> bool:
@@ -402,6 +412,8 @@ def deepspeed_part(args, results: dict) -> None:
     saved = saves[0]["sums"]
     results["model_params"] = saves[0]["numel"]
     results["save"] = {side: saves[0]["times"][side] for side in ("native", "universal")}
+    results["save_split"] = {side: {k: [max(r["split"][side][i][k] for r in saves) for i in range(reps)]
+                                    for k in ("save_call", "fsync")} for side in ("native", "universal")}
     results["checkpoint_bytes"] = {side: _folder_bytes(os.path.join(root, side, TAG)) for side in ("native", "universal")}
     results["convert"] = run_phase(results, "ds_to_universal", lambda: convert(root, reps))
     results["loads"] = {}
@@ -416,130 +428,6 @@ def _folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
 
 
-# ---------------------------------------------------------------- report
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
-
-
-def targets(results: dict) -> list[dict]:
-    """The issue's targets, each with its measured ratio."""
-    loads, out = results["loads"], []
-    for dp in ("DP2", "DP3"):
-        r = ratio(loads[dp]["plugin"]["median_seconds"], loads[dp]["ds_universal"]["median_seconds"])
-        out.append({"target": f"load {dp}: plugin / load_universal (conversion not counted) <= 0.6",
-                    "value": r, "met": r <= 0.6})
-    r = ratio(loads["DP4"]["plugin"]["median_seconds"], loads["DP4"]["native"]["median_seconds"])
-    out.append({"target": "same-layout load DP4: plugin / native <= 1.2", "value": r, "met": r <= 1.2})
-    for dp in ("DP2", "DP3"):
-        r = ratio(loads[dp]["plugin"]["peak_rss_max"], loads[dp]["ds_universal"]["peak_rss_max"])
-        out.append({"target": f"peak RSS per loading rank {dp}: plugin / load_universal <= 1", "value": r,
-                    "met": r <= 1.0})
-    worst = max(ratio(f, k) for dp in ("DP2", "DP3", "DP4")
-                for f, k in zip(loads[dp]["plugin"]["plugin_fetched_per_rank"],
-                                loads[dp]["plugin"]["plugin_requested_per_rank"]))
-    out.append({"target": "bytes read / kept per rank (verified), worst rank <= 1.05", "value": worst,
-                "met": worst <= 1.05})
-    r = ratio(med(results["save"]["universal"]), med(results["save"]["native"]))
-    out.append({"target": "universal save / native save (both durable) <= 1.05", "value": r, "met": r <= 1.05})
-    return out
-
-
-def _mb(n) -> str:
-    return f"{n / 1e6:,.0f} MB"
-
-
-def print_report(results: dict) -> None:
-    if "loads" in results:
-        print_deepspeed(results)
-    if "megatron" in results:
-        print_megatron(results["megatron"])
-    for name, p in results["phases"].items():
-        la = p["load_average"]
-        print(f"  phase {name}: {p['wall_seconds']:.0f} s wall, load average {la['min']:.1f}-{la['max']:.1f} "
-              f"(median {la['median']:.1f})")
-
-
-def print_megatron(m: dict) -> None:
-    print(f"\nmegatron-core GPT {m['size']}, fp32, DistributedOptimizer: saved TP2·PP2, loaded TP1·DP4; "
-          f"checkpoint plugin {_mb(m['checkpoint_bytes']['plugin'])}, "
-          f"dist_checkpointing {_mb(m['checkpoint_bytes']['megatron'])}")
-    print(f"save TP2·PP2 (durable): " + ", ".join(f"{side} {med(t):.2f} s" for side, t in m["save"].items()))
-    print(f"{'side':10} {'median s':>9} {'peak RSS/rank':>14} {'RSS before':>11} {'rchar/rank (max)':>17} "
-          f"{'same state':>11}")
-    for side, s in m["loads"].items():
-        print(f"{side:10} {med(s['seconds']):9.2f} {_mb(s['peak_rss_max']):>14} {_mb(s['rss_before_max']):>11} "
-              f"{_mb(max(s['rchar_per_rank'])):>17} {str(s['same_state_as_megatron']):>11}")
-    r = ratio(med(m["loads"]["plugin"]["seconds"]), med(m["loads"]["megatron"]["seconds"]))
-    print(f"  plugin / dist_checkpointing load time: {r:.3f}")
-
-
-def print_deepspeed(results: dict) -> None:
-    print(f"\nmodel {results['size']}: {results['model_params'] / 1e6:.1f}M parameters, fp32, AdamW, ZeRO-2 "
-          f"saved at DP4; medians of {results['reps']}; checkpoint native "
-          f"{_mb(results['checkpoint_bytes']['native'])}, universal {_mb(results['checkpoint_bytes']['universal'])}")
-    save = results["save"]
-    print(f"save DP4 (durable): native {med(save['native']):.2f} s, universal {med(save['universal']):.2f} s")
-    print(f"ds_to_universal conversion: {med(results['convert']):.2f} s")
-    print(f"{'load':6} {'side':13} {'median s':>9} {'peak RSS/rank':>14} {'RSS before':>11} "
-          f"{'read/rank (max)':>16} {'kept/rank':>10} {'restored':>9}")
-    for dp, sides in results["loads"].items():
-        for side, s in sides.items():
-            kept = s["plugin_requested_per_rank"]
-            read = s["plugin_fetched_per_rank"] if kept else s["rchar_per_rank"]
-            print(f"{dp:6} {side:13} {s['median_seconds']:9.2f} {_mb(s['peak_rss_max']):>14} "
-                  f"{_mb(s['rss_before_max']):>11} {_mb(max(read)):>16} "
-                  f"{(_mb(max(kept)) if kept else '-'):>10} {str(s['restored']):>9}")
-    for t in results["targets"]:
-        print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']:.3f}")
-
-
-def _secs(s: dict) -> str:
-    cpu = s.get("median_cpu_seconds_max_rank")
-    return f"{s['median_seconds']:.2f} s" + (f" (CPU {cpu:.1f} s)" if cpu == cpu and cpu is not None else "")
-
-
-def _rss(s: dict) -> str:
-    return f"peak RSS {_mb(s['peak_rss_max'])} (+{_mb(s['peak_rss_max'] - s['rss_before_max'])} during the load)"
-
-
-def markdown(results: dict) -> str:
-    """The tables of docs/BENCHMARKS.md from one run's JSON."""
-    lines = []
-    if "loads" in results:
-        save, conv = results["save"], med(results["convert"])
-        lines += ["| step | plugin | DeepSpeed native | DeepSpeed `ds_to_universal` + `load_universal` |",
-                  "|---|---|---|---|",
-                  f"| save at DP4, durable | {med(save['universal']):.2f} s | {med(save['native']):.2f} s | "
-                  f"(native save) + {conv:.2f} s conversion |"]
-        for dp, sides in results["loads"].items():
-            other = "native" if "native" in sides else "ds_universal"
-            p, o = sides["plugin"], sides[other]
-            cells = {"native": "", "ds_universal": ""}
-            cells[other] = (f"{_secs(o)}, {_rss(o)}, read "
-                            f"{_mb(max(o['rchar_per_rank']))}/rank")
-            kept, read = max(p["plugin_requested_per_rank"]), max(p["plugin_fetched_per_rank"])
-            lines.append(f"| load DP4 → {dp} | {_secs(p)}, {_rss(p)}, "
-                         f"read {_mb(read)} / kept {_mb(kept)} per rank | {cells['native'] or '—'} | "
-                         f"{cells['ds_universal'] or '—'} |")
-        lines += ["", "| target | measured | |", "|---|---|---|"]
-        lines += [f"| {t['target']} | {t['value']:.2f} | {'met' if t['met'] else '**missed**'} |"
-                  for t in results["targets"]]
-    if "megatron" in results:
-        m = results["megatron"]
-        lines += ["", "| megatron GPT, TP2·PP2 → TP1·DP4 | plugin | megatron `dist_checkpointing` (fully_reshardable) |",
-                  "|---|---|---|",
-                  f"| save at TP2·PP2, durable | {med(m['save']['plugin']):.2f} s | {med(m['save']['megatron']):.2f} s |"]
-        p, o = m["loads"]["plugin"], m["loads"]["megatron"]
-        cpu = {k: med(v["cpu_seconds_max_rank"]) if "cpu_seconds_max_rank" in v else float("nan")
-               for k, v in (("p", p), ("o", o))}
-        lines += [f"| load at TP1·DP4 (CPU s, busiest rank) | {med(p['seconds']):.2f} s (CPU {cpu['p']:.1f} s) | "
-                  f"{med(o['seconds']):.2f} s (CPU {cpu['o']:.1f} s) |",
-                  f"| peak RSS per loading rank | {_rss(p)} | {_rss(o)} |",
-                  f"| checkpoint size | {_mb(m['checkpoint_bytes']['plugin'])} | {_mb(m['checkpoint_bytes']['megatron'])} |"]
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="125m")
@@ -549,12 +437,17 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     ap.add_argument("--parts", default="deepspeed,megatron", help="comma-separated: deepspeed, megatron")
     ap.add_argument("--report", help="print the markdown tables of an earlier run's JSON and exit")
+    ap.add_argument("--phases", action="store_true",
+                    help="also print where each plugin load's time went (open, plan, execute; read, verify, copy)")
     ap.add_argument("--profile", help="folder for cProfile stats of rank 0's loads (timings then not comparable)")
     ap.add_argument("--megatron-size", choices=sorted(SIZES), help="model of the megatron part (default --size)")
     args = ap.parse_args()
     if args.report:
         with open(args.report) as f:
-            print(markdown(json.load(f)))
+            results = json.load(f)
+        if args.phases:
+            print_report(results, phases=True)
+        print(markdown(results))
         return
     args.megatron_size = args.megatron_size or args.size
     parts = set(args.parts.split(","))
@@ -579,7 +472,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(args.root, ignore_errors=True)
     _write(results)
-    print_report(results)
+    print_report(results, phases=args.phases)
     print(f"\nwrote {out}")
 
 

@@ -61,3 +61,20 @@ def test_missing_piece_is_refused_naming_the_atom():
     gap = Atom("w", "param", (8, 4), atom.split, atom.states, {}, atom.pieces[:3])
     with pytest.raises(FormatError, match="pieces of 'w' state 'fp32' cover 8 of the 16"):
         plan_read(gap, ReadItem("w", "fp32", Region.whole((8, 4)), 16, 32), where="ck")
+
+
+def test_strided_joins_runs_that_continue_each_other():
+    """Runs contiguous in source and destination become one copy; a run that breaks either side
+    does not join, and equal runs at constant steps still merge into one strided copy."""
+    import numpy as np
+
+    from ucp_plugin.plan.reads import strided
+    from ucp_plugin.plan.regions import CopyPlan
+
+    def cp(*runs):
+        return CopyPlan(*(np.array(x, dtype=np.int64) for x in zip(*runs)))
+
+    assert strided(cp((10, 0, 4), (14, 4, 4), (18, 8, 2))) == (Copy(10, 0, 10),)
+    assert strided(cp((10, 0, 4), (14, 4, 4), (20, 8, 2)), base=10) == (Copy(0, 0, 8), Copy(10, 8, 2))
+    # the first two join into (0, 0, 4), which then steps by (8, 4) like the other two: one strided copy
+    assert strided(cp((0, 0, 2), (2, 2, 2), (8, 4, 4), (16, 8, 4))) == (Copy(0, 0, 4, 3, 8, 4),)

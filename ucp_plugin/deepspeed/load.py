@@ -2,21 +2,32 @@
 dtype: each rank plans its own buffers (``plan.zero``), reads exactly those element ranges of each
 atom state from the source, writes them into the fp32 buffers and optimizer state, then lets DeepSpeed
 refresh the low-precision parameters from the fp32 master (docs/deepspeed-internals.md).
+
+A plain model read from a universal checkpoint goes describe -> plan -> execute: ``describe`` lists
+every read of the rank as frozen ``Want``s (item and destination), ``UcpSource.read_batch`` plans
+them all (``plan.reads.BatchPlan``, a value) and executes them as one pool straight into the
+buffers. Other sources (native, ``ds_to_universal`` folders) and model-parallel bindings read
+fragment by fragment.
 """
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 import torch
 
 from ..async_save import wait as wait_for_async_save
 from ..comm import Comm
 from ..errors import StateMismatchError, UnsupportedError
+from ..format import WEIGHT_STATE, Region
 from ..plan import zero as Z
+from ..plan.reads import ReadItem
 from . import state as S
 from .config import check_engine
 from .engine_view import EngineView, base_optimizer, fp32_buffers, inspect_engine
 from .optim_state import restore_entry
+from .params import ParamMap
 from .sources import has_latest, open_source
 
 log = logging.getLogger(__name__)
@@ -94,16 +105,87 @@ def _one_scalar_each(scalars: dict, b: Z.Buffer) -> dict:
     return out
 
 
+MASTER = "master"  # a ``Want``'s destination: the buffer's flat fp32 master partition
+
+
+@dataclass(frozen=True)
+class Want:
+    """One read of a rank's load: ``item`` goes to elements ``[offset, offset + item.numel)`` of
+    buffer ``buffer``'s ``dest`` (``MASTER``, or the optimizer state of that name)."""
+    item: ReadItem
+    buffer: int
+    dest: str
+    offset: int
+
+
+def describe(buffers, atoms: dict, trainable: set, with_opt: bool, where: str = "checkpoint") -> tuple[Want, ...]:
+    """Every read that fills ``buffers`` (this rank's ``plan.zero`` buffers) from ``atoms`` of a
+    plain DeepSpeed checkpoint (each parameter its own whole atom): pure, no engine, no I/O."""
+    wants = []
+    for b in buffers:
+        keys = None
+        for f in (f for f in b.fragments if f.name in trainable):
+            meta, lo, hi = atoms[f.name], f.param_offset, f.param_offset + f.length
+            region = Region.whole(meta.shape)
+            wants.append(Want(ReadItem(f.name, WEIGHT_STATE[meta.kind], region, lo, hi), b.index, MASTER,
+                              f.buffer_offset))
+            if not with_opt or meta.kind != "param":
+                continue
+            mine = sorted(k for k in meta.states if k != "fp32")
+            if keys is not None and mine != keys:
+                raise StateMismatchError(f"{where}: {meta.name!r} has optimizer states {mine}, another "
+                                         f"parameter of the same ZeRO buffer {keys}; cannot merge them")
+            keys = mine
+            wants += [Want(ReadItem(f.name, k, region, lo, hi), b.index, k, f.buffer_offset) for k in mine]
+    return tuple(wants)
+
+
+def _load_batched(source, view: EngineView, opt, bufs: list, buffers: list, with_opt: bool) -> None:
+    """A plain model from a universal checkpoint: describe every read, plan them all, execute them
+    as one batch straight into the engine's buffers and live optimizer states."""
+    trainable, atoms = set(view.trainable), source.atoms
+    wants = describe(buffers, atoms, trainable, with_opt, source.path)
+    states: dict[int, dict] = {b.index: {} for b in buffers}
+    for w in wants:
+        if w.dest != MASTER and w.dest not in states[w.buffer]:
+            dtype = getattr(torch, atoms[w.item.atom].states[w.dest])
+            states[w.buffer][w.dest] = _state_buffer(opt, bufs[w.buffer], w.dest, dtype)
+    outs = [(_flat(bufs[w.buffer]) if w.dest == MASTER else states[w.buffer][w.dest])[w.offset:w.offset + w.item.numel]
+            for w in wants]
+    source.read_batch([w.item for w in wants], outs)
+    for b in buffers:
+        flat, mine = _flat(bufs[b.index]), states[b.index]
+        for lo, hi in _gaps(b, trainable):
+            for dst in (flat, *mine.values()):
+                dst[lo:hi].zero_()
+        if mine:
+            scalars = {}
+            for f in (f for f in b.fragments if f.name in trainable and atoms[f.name].kind == "param"):
+                for k, v in atoms[f.name].scalars.items():
+                    scalars.setdefault(k, {})[f.name] = v
+            restore_entry(opt, bufs[b.index], mine, _one_scalar_each(scalars, b))
+
+
+def batched(source, view: EngineView) -> bool:
+    """Whether this load is planned as one batch: a universal source and a plain model (a binding's
+    parameters are TP regions of global atoms and read through its map, fragment by fragment)."""
+    return hasattr(source, "read_batch") and type(view.params) is ParamMap
+
+
 def load_trainable(engine, view: EngineView, source, with_opt: bool) -> None:
     bufs, opt = fp32_buffers(engine, view.kind), base_optimizer(engine, view.kind)
     trainable = set(view.trainable)
-    for b in view.layout.for_rank(view.rank):
-        if not any(f.name in trainable for f in b.fragments) and view.kind == Z.PER_PARAM:
-            continue
-        t = bufs[b.index]
-        states, scalars = _read_buffer(source, view, opt, b, t, trainable, with_opt)
-        if states:
-            restore_entry(opt, t, states, scalars)
+    buffers = [b for b in view.layout.for_rank(view.rank)
+               if any(f.name in trainable for f in b.fragments) or view.kind != Z.PER_PARAM]
+    if batched(source, view):
+        with torch.no_grad():
+            _load_batched(source, view, opt, bufs, buffers, with_opt)
+    else:
+        for b in buffers:
+            t = bufs[b.index]
+            states, scalars = _read_buffer(source, view, opt, b, t, trainable, with_opt)
+            if states:
+                restore_entry(opt, t, states, scalars)
     if with_opt and hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
         engine.optimizer._hp_optimizer_states_linked = False  # re-link lp params to the new states
 
@@ -154,7 +236,9 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
         log.warning("no 'latest' file in %s and no tag given: nothing loaded (as DeepSpeed does)", load_dir)
         return None, None
     view, comm = inspect_engine(engine), Comm()
+    start = time.perf_counter()
     source = comm.run(lambda: open_source(load_dir, tag))
+    opened = time.perf_counter() - start
     with_opt = load_optimizer_states and not load_module_only
     comm.run(lambda: _check_source(engine, view, source, load_module_strict, with_opt))
     if view.kind == Z.ZERO3:
@@ -168,7 +252,7 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
                                                       load_module_only))
     engine.loaded_checkpoint_dp_world_size = getattr(source, "dp", None)
     engine.loaded_checkpoint_mp_world_size = getattr(source, "tp", 1)
-    _report(source, view)
+    _report(source, view, opened)
     return source.path, client
 
 
@@ -178,8 +262,9 @@ def _check_source(engine, view: EngineView, source, strict: bool, with_opt: bool
         S.check_optimizer(base_optimizer(engine, view.kind), source.common_state(), source.path)
 
 
-def _report(source, view: EngineView) -> None:
-    """Log what this rank fetched (``extra["ucp_load"]`` carries the numbers for tools and tests)."""
+def _report(source, view: EngineView, opened: float) -> None:
+    """Log what this rank fetched (``extra["ucp_load"]`` carries the numbers for tools and tests;
+    ``phases``: seconds to open the source, then of the batched reads when the load was one batch)."""
     counts = source.bytes()
     if counts is None:
         return
@@ -189,7 +274,9 @@ def _report(source, view: EngineView) -> None:
     log.info("rank %d loaded %s: fetched %d bytes for the %d it needs", view.rank, source.path, fetched,
              requested, extra={"ucp_load": {"rank": view.rank, "dp": view.dp, "path": source.path,
                                             "requested": requested, "fetched": fetched, "files_opened": files,
-                                            "metadata_bytes": ck.metadata_bytes if ck is not None else None}})
+                                            "metadata_bytes": ck.metadata_bytes if ck is not None else None,
+                                            "phases": {"open": opened, **(getattr(source, "phases", None) or {})},
+                                            "batched": getattr(source, "phases", None) is not None}})
 
 
 def _restore_training_state(engine, view, source, with_opt, load_sched, module_only) -> dict:

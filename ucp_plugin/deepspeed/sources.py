@@ -1,7 +1,8 @@
 """What ``load.py`` reads from: a universal checkpoint or a native DeepSpeed one, behind one interface.
 
 A *source* offers ``path``, ``atoms`` (name -> ``format.Atom``, pieces left out), ``read(name, state, start, stop, dtype)``
-(flat elements of one atom state), ``common_state()`` (the ``state.py`` schema),
+(flat elements of one atom state; the universal source also ``read_batch(items, outs)``: a whole
+load planned, then executed, at once), ``common_state()`` (the ``state.py`` schema),
 ``rank_state(rank, world_size)`` (RNG, or None when it cannot apply) and ``bytes()`` (bytes requested
 by ``read`` calls at their stored size, bytes fetched from storage; None where not counted).
 Kinds of folder are registered (``register_source``): the universal format, DeepSpeed's own universal
@@ -10,6 +11,7 @@ folders (``ds_to_universal``) and native DeepSpeed.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +29,7 @@ class UcpSource:
         self.atoms = {a.name: a for a in checkpoint.top.atoms}
         self.dp, self.tp = checkpoint.top.layout.dp, checkpoint.top.layout.tp
         self.requested = 0
+        self.phases: dict | None = None
 
     reads_in_place = True  # ``read(..., out=)`` fills the caller's tensor without a temporary
 
@@ -36,6 +39,20 @@ class UcpSource:
         out = self.checkpoint.read_fragment(name, state, Region.whole(meta.shape), start, stop, dtype, out=out)
         self.note_request(name, state, stop - start)
         return out
+
+    def read_batch(self, items, outs) -> None:
+        """Every ``ReadItem`` of ``items`` into its ``outs`` entry: planned together, then executed
+        as one pool of fetches (``Checkpoint.plan_batch`` / ``execute_batch``). ``phases`` keeps the
+        seconds of the last batch (plan, execute; read/verify/copy summed over threads)."""
+        clock, start = self.checkpoint.clock, time.perf_counter()
+        before = dict(clock.seconds)
+        plan = self.checkpoint.plan_batch(items)
+        planned = time.perf_counter()
+        self.checkpoint.execute_batch(plan, outs)
+        self.phases = {"plan": planned - start, "execute": time.perf_counter() - planned,
+                       **{k: v - before[k] for k, v in clock.seconds.items()}}
+        for item in items:
+            self.note_request(item.atom, item.state, item.numel)
 
     def note_request(self, name: str, state: str, elements: int) -> None:
         """Count ``elements`` of ``name``'s ``state`` as needed (at their stored size); for readers

@@ -85,6 +85,31 @@ class ReadPlan:
         return sum(f.elements for fs in self.replicas for f in fs)
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """Every read of one rank's load at once: ``plans[i]`` fills destination ``i``. Executed as one
+    pool of fetches (``storage.Checkpoint.execute_batch``), so a load of many small fragments still
+    keeps the disk and the cores busy."""
+    plans: tuple[ReadPlan, ...]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(sorted({f for p in self.plans for f in p.files}))
+
+    @property
+    def elements(self) -> int:
+        return sum(p.elements for p in self.plans)
+
+
+def plan_batch(atoms: dict[str, Atom], items, verify: bool = True, where: str = "checkpoint") -> BatchPlan:
+    """The plans of ``items`` against ``atoms`` (name -> atom with its pieces loaded)."""
+    missing = sorted({i.atom for i in items} - set(atoms))
+    if missing:
+        raise StateMismatchError(f"{where}: has no parameter {missing[0]!r} ({len(missing)} missing); the "
+                                 "model has parameters the checkpoint lacks (a different model or config?)")
+    return BatchPlan(tuple(plan_read(atoms[i.atom], i, verify, where) for i in items))
+
+
 def plan_read(atom: Atom, item: ReadItem, verify: bool = True, where: str = "checkpoint") -> ReadPlan:
     """The plan that fills ``item`` from ``atom``'s pieces (``atom.pieces`` must be loaded)."""
     if item.state not in atom.states:
@@ -117,10 +142,20 @@ def _fetches(piece: Piece, cp: CopyPlan, verify: bool) -> list[Fetch]:
     return [Fetch(piece, lo, int((cp.src + cp.length).max()), False, strided(cp, lo))]
 
 
+def _joined(src: np.ndarray, dst: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs that continue each other in source and destination alike, joined into one run each."""
+    if len(n) < 2:
+        return src, dst, n
+    ends_s, ends_d = src[:-1] + n[:-1], dst[:-1] + n[:-1]
+    starts = np.flatnonzero(np.concatenate([[True], (src[1:] != ends_s) | (dst[1:] != ends_d)]))
+    return src[starts], dst[starts], np.add.reduceat(n, starts)
+
+
 def strided(cp: CopyPlan, base: int = 0) -> tuple[Copy, ...]:
-    """``cp``'s runs (sources counted from ``base``) as few strided ``Copy``s: consecutive runs of
-    equal length at constant source and destination steps merge into one."""
-    src, dst, n = cp.src - base, cp.dst, cp.length
+    """``cp``'s runs (sources counted from ``base``) as few ``Copy``s: runs that continue each other
+    join into one longer run (one larger copy), then consecutive runs of equal length at constant
+    source and destination steps merge into one strided copy."""
+    src, dst, n = _joined(cp.src - base, cp.dst, cp.length)
     m = len(n)
     if m == 0:
         return ()

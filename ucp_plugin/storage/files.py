@@ -6,7 +6,6 @@ import json
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -140,37 +139,39 @@ def open_tensors(path: str):
                           "corrupt — re-save the checkpoint") from None
 
 
-class MappedTensors:
-    """A safetensors file mapped copy-on-write: ``flat(key)`` is a zero-copy 1-D view of one tensor,
-    so a reader copies exactly the elements it needs and the OS reads only the pages they lie on.
-    The header is checked (dtypes, bounds, sizes) before any view is made; the mapping keeps the
-    file's inode alive even if the folder is replaced later."""
+class TensorFile:
+    """A safetensors file open for reading: the header parsed and checked once (dtypes, bounds,
+    sizes), then byte ranges of one tensor read with ``os.preadv`` straight into the caller's memory.
+    Nothing is mapped: a mapped page a load touches counts in the process's RSS on top of the engine
+    buffer it is copied into. The open descriptor keeps the file's inode alive even if the folder is
+    replaced later; ``preadv`` takes its own offset, so threads share the descriptor."""
 
     def __init__(self, path: str, dir_fd: int | None = None):
         """``path`` relative to the folder open as ``dir_fd`` when given (a pinned folder)."""
         try:
-            fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
+            self._fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
         except FileNotFoundError:
             raise FormatError(f"{path}: tensor file is missing; the checkpoint is incomplete — re-save it or "
                               "restore the file") from None
-        with os.fdopen(fd, "rb") as f:
-            self._parse(path, f)
-
-    def _parse(self, path: str, f) -> None:
-        self.path, size = path, os.fstat(f.fileno()).st_size
         try:
-            n = int.from_bytes(f.read(8), "little")
+            self._parse(path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _parse(self, path: str) -> None:
+        self.path, size = path, os.fstat(self._fd).st_size
+        try:
+            n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
             if not 0 < n <= size - 8:
                 raise ValueError(f"header length {n} does not fit the file's {size} bytes")
-            header = json.loads(f.read(n))
+            header = json.loads(os.pread(self._fd, n, 8))
             header.pop("__metadata__", None)
             self._entries = {k: self._entry(k, v, size - 8 - n) for k, v in header.items()}
         except (ValueError, KeyError, TypeError) as e:
             raise FormatError(f"{path}: not a readable safetensors file ({e}); the file is truncated or "
                               "corrupt — re-save the checkpoint") from None
-        self._base = 8 + n
-        self.header_bytes = self._base
-        self._map = np.memmap(f, dtype=np.uint8, mode="c") if self._entries else None
+        self.header_bytes = self._base = 8 + n
 
     @staticmethod
     def _entry(key: str, info: dict, data_bytes: int) -> tuple[torch.dtype, int, int]:
@@ -183,15 +184,64 @@ class MappedTensors:
             raise ValueError(f"tensor {key!r} lies outside the file or has the wrong size")
         return dtype, begin, end
 
-    def flat(self, key: str) -> torch.Tensor:
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to release
+            pass
+
+    def _info(self, key: str) -> tuple[torch.dtype, int, int]:
         if key not in self._entries:
             raise FormatError(f"{self.path}: has no tensor {key!r}; the file is corrupt or from another "
                               "checkpoint — re-save it")
-        dtype, begin, end = self._entries[key]
-        raw = torch.from_numpy(self._map[self._base + begin:self._base + end])
-        if (self._base + begin) % dtype.itemsize:  # unaligned (not written by safetensors' own writer): copy once
-            raw = raw.clone()
-        return raw.view(dtype)
+        return self._entries[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._info(key)[0]
+
+    def numel(self, key: str) -> int:
+        dtype, begin, end = self._info(key)
+        return (end - begin) // dtype.itemsize
+
+    def offset(self, key: str) -> int:
+        """Where tensor ``key``'s bytes begin in the file."""
+        return self._base + self._info(key)[1]
+
+    def read_into(self, key: str, byte_lo: int, byte_hi: int, dst) -> None:
+        """Bytes ``[byte_lo, byte_hi)`` of tensor ``key`` into ``dst``: a contiguous CPU tensor of
+        exactly that many bytes (any dtype), or a writable buffer such as a ``memoryview``."""
+        _, begin, end = self._info(key)
+        if not 0 <= byte_lo <= byte_hi <= end - begin:
+            raise ValueError(f"{self.path}: bytes [{byte_lo}, {byte_hi}) lie outside tensor {key!r}")
+        view = memoryview(raw_bytes(dst) if torch.is_tensor(dst) else dst).cast("B")
+        if len(view) != byte_hi - byte_lo:
+            raise ValueError(f"{self.path}: reading {byte_hi - byte_lo} bytes of {key!r} into {len(view)}")
+        at, done = self._base + begin + byte_lo, 0
+        while done < len(view):  # preadv may return short counts (signals, large reads)
+            n = os.preadv(self._fd, [view[done:]], at + done)
+            if n <= 0:
+                raise FormatError(f"{self.path}: ends inside tensor {key!r}; the file is truncated — "
+                                  "restore it or re-save the checkpoint")
+            done += n
+
+    def read(self, key: str) -> torch.Tensor:
+        """Tensor ``key``, whole and flat, in a new tensor."""
+        out = torch.empty(self.numel(key), dtype=self.dtype(key))
+        self.read_into(key, 0, out.numel() * out.element_size(), out)
+        return out
+
+
+def raw_bytes(t: torch.Tensor):
+    """A writable uint8 NumPy view of contiguous CPU tensor ``t``'s memory (any dtype)."""
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"reading into a tensor of shape {tuple(t.shape)} on {t.device}: it must be a "
+                         "contiguous CPU tensor")
+    return t.detach().reshape(-1).view(torch.uint8).numpy()
 
 
 def save_tree(stem: str, obj) -> list[tuple[str, int, str]]:

@@ -20,7 +20,7 @@ import threading
 
 from ..errors import FormatError
 from ..format import INDEX, MANIFEST, FileEntry, Manifest, ShardIndex
-from .files import MappedTensors
+from .files import TensorFile
 
 
 def in_use(folder: str) -> bool:
@@ -43,7 +43,7 @@ class PinnedFolder:
         self.path, self.top = path, top
         self._dir, self._lock = dir_fd, lock_fd
         self._indexes: dict[int, ShardIndex] = {}
-        self._tensors: dict[str, MappedTensors] = {}
+        self._tensors: dict[str, TensorFile] = {}
         self._listed = {f.path: f for f in top.files}
         self.metadata_bytes = top_bytes
         self.files_opened: list[str] = []
@@ -72,6 +72,8 @@ class PinnedFolder:
         return PinnedFolder(folder, Manifest.from_json(text.decode(), where), dir_fd, lock_fd, len(text))
 
     def close(self) -> None:
+        for f in self._tensors.values():
+            f.close()
         self._tensors.clear()
         for fd in (self._lock, self._dir):
             if fd is not None:
@@ -88,14 +90,14 @@ class PinnedFolder:
         with self._lock_open:
             self.metadata_bytes += metadata_bytes
 
-    def tensors(self, rel: str) -> MappedTensors:
+    def tensors(self, rel: str) -> TensorFile:
         with self._lock_open:
             return self._tensors_locked(rel)
 
-    def _tensors_locked(self, rel: str) -> MappedTensors:
+    def _tensors_locked(self, rel: str) -> TensorFile:
         if rel not in self._tensors:
             try:
-                self._tensors[rel] = MappedTensors(rel, dir_fd=self._dir)
+                self._tensors[rel] = TensorFile(rel, dir_fd=self._dir)
             except FormatError as e:
                 raise FormatError(f"{self.path}/{e}") from None
             self.files_opened.append(rel)

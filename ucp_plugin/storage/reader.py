@@ -3,25 +3,32 @@
 ``Checkpoint.open(path)`` accepts a checkpoint folder (with ``ucp.json``) or a save folder with a
 ``latest`` file and reads its top manifest only. ``plan`` turns a ``plan.ReadItem`` into a
 ``plan.ReadPlan`` (reading just the shard indexes of its atom); ``execute`` carries it out: each
-fetch read once from the memory-mapped shard, its chunks' SHA-256 checked (``verify=False`` skips
-it and reads exactly the copied elements), copied straight into the destination, large plans on a
-small thread pool. ``read_fragment`` is the two in one call.
+fetch read once with ``os.preadv`` (nothing is mapped: mapped pages would count in the process's
+RSS on top of the destination), its chunks' SHA-256 checked (``verify=False`` skips it and reads
+only the copied runs), large plans on a small thread pool. A plain copy is read straight into the
+destination and its whole chunks are hashed there; partial chunks and strided or converting copies
+go through a per-thread staging buffer. ``read_fragment`` is plan and execute in one call;
+``plan_batch`` / ``execute_batch`` do a whole load's items at once.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from ..errors import FormatError, StateMismatchError
 from ..format import DIGEST_BYTES, DIGESTS, MANIFEST, Atom, Manifest, Piece, Region
 from ..plan import IDENTITY, TRANSPOSED, transposed_rects
-from ..plan.reads import Copy, Fetch, ReadItem, ReadPlan, plan_read
-from .files import load_tree, read_latest, tensor_bytes
+from ..plan.reads import BatchPlan, Copy, Fetch, ReadItem, ReadPlan, plan_read
+from .files import TensorFile, load_tree, raw_bytes, read_latest
 from .folder import PinnedFolder
 
 
@@ -50,6 +57,49 @@ def resolve(path: str) -> str:
 
 READ_THREADS = int(os.environ.get("UCP_READ_THREADS", "4"))
 PARALLEL_ELEMS = 1 << 22  # below ~16 MB of fp32 a thread pool costs more than it saves
+BOUNCE_BYTES = 2 << 20  # per-thread staging buffer: a whole verification chunk fits (256 KiB of fp32)
+PAGE = 4096  # unverified runs closer than this are read together: the OS reads whole pages anyway
+_local = threading.local()
+
+
+def _bounce(nbytes: int) -> torch.Tensor:
+    """The first ``nbytes`` of this thread's staging buffer (allocated once per thread, reused); a
+    new buffer when more is asked (chunks larger than ours, from another writer)."""
+    if nbytes > BOUNCE_BYTES:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    buf = getattr(_local, "bounce", None)
+    if buf is None:
+        buf = _local.bounce = torch.empty(BOUNCE_BYTES, dtype=torch.uint8)
+    return buf[:nbytes]
+
+
+class Clock:
+    """Seconds spent reading, verifying and copying, summed over the pool's threads (a load's
+    phases: ``benchmarks/load_bench.py --phases``)."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(("read", "verify", "copy"), 0.0)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[what] += time.perf_counter() - start
+
+
+def _spans(copies: tuple[Copy, ...], gap: int) -> list[tuple[int, int]]:
+    """Source element ranges the copies read, those less than ``gap`` elements apart joined."""
+    starts = np.concatenate([c.src + np.arange(c.count, dtype=np.int64) * c.src_stride for c in copies])
+    ends = starts + np.concatenate([np.full(c.count, c.length, dtype=np.int64) for c in copies])
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], np.maximum.accumulate(ends[order])
+    cut = np.flatnonzero(starts[1:] - ends[:-1] >= gap) + 1
+    firsts, lasts = np.concatenate([[0], cut]), np.concatenate([cut - 1, [len(starts) - 1]])
+    return list(zip(starts[firsts].tolist(), ends[lasts].tolist()))
 
 
 @torch.no_grad()  # pool threads do not inherit the caller's grad mode; a load is never tracked
@@ -116,6 +166,8 @@ class Checkpoint:
         self._atoms: dict[str, Atom] = {}
         self._manifest: Manifest | None = None
         self.bytes_read = 0
+        self._count = threading.Lock()  # fetches of a batch run on a pool
+        self.clock = Clock()
 
     @staticmethod
     def open(path: str, verify: bool = True) -> "Checkpoint":
@@ -204,31 +256,123 @@ class Checkpoint:
         if plan.padded:
             out.zero_()  # padding elements belong to no atom element: zero, as documented
         if len(plan.replicas) == 1:
-            self._run(plan.replicas[0], out)
+            self._run([(f, out) for f in plan.replicas[0]])
             return out
         acc = None
         for fetches in plan.replicas:
             part = torch.zeros_like(out)
-            self._run(fetches, part)
+            self._run([(f, part) for f in fetches])
             acc = self._combine(plan.item.atom, plan.reduce, acc, part)
         return out.copy_(acc / len(plan.replicas) if plan.reduce == "average" else acc)
 
-    def _run(self, fetches: tuple[Fetch, ...], out: torch.Tensor) -> None:
-        big = sum(f.elements for f in fetches) >= PARALLEL_ELEMS and len(fetches) > 1
-        if big:  # file reads, hashing and tensor copies release the GIL
-            with ThreadPoolExecutor(min(READ_THREADS, len(fetches))) as pool:
-                self.bytes_read += sum(pool.map(lambda f: self._fetch(f, out), fetches))
-        else:
-            self.bytes_read += sum(self._fetch(f, out) for f in fetches)
+    def plan_batch(self, items) -> BatchPlan:
+        """The plans of every item of a load (reads the shard indexes naming their atoms)."""
+        return BatchPlan(tuple(self.plan(i) for i in items))
 
+    def execute_batch(self, plan: BatchPlan, outs) -> None:
+        """Fill ``outs[i]`` (1-D, item ``i``'s length, any dtype/device) per ``plan.plans[i]``: the
+        fetches of every single-replica plan go to one pool, largest first."""
+        if len(outs) != len(plan.plans):
+            raise ValueError(f"a batch plan of {len(plan.plans)} items needs as many destinations, got {len(outs)}")
+        tasks = []
+        for p, out in zip(plan.plans, outs):
+            out = _destination(out, p.item.numel, out.dtype, p.item.atom)
+            if len(p.replicas) != 1:
+                self.execute(p, out)
+                continue
+            if p.padded:
+                out.zero_()
+            tasks += [(f, out) for f in p.replicas[0]]
+        tasks.sort(key=lambda t: -t[0].elements)
+        self._run(tasks)
+
+    def _run(self, tasks: list) -> None:
+        """Carry out (fetch, destination) pairs; large sets on a small pool (file reads, hashing and
+        tensor copies release the GIL)."""
+        if sum(f.elements for f, _ in tasks) >= PARALLEL_ELEMS and len(tasks) > 1:
+            with ThreadPoolExecutor(min(READ_THREADS, len(tasks))) as pool:
+                read = sum(pool.map(lambda t: self._fetch(*t), tasks))
+        else:
+            read = sum(self._fetch(f, out) for f, out in tasks)
+        with self._count:
+            self.bytes_read += read
+
+    @torch.no_grad()  # pool threads do not inherit the caller's grad mode; a load is never tracked
     def _fetch(self, f: Fetch, out: torch.Tensor) -> int:
-        """One fetch: read (and verify) its range, copy it out; returns the bytes read."""
-        data = self._view(f.piece)[f.lo:f.hi]
+        """One fetch: read (and verify) its range, copy it out; returns the bytes read. A single
+        plain copy into CPU memory of the stored dtype is read straight into the destination."""
+        tf, dtype = self._file(f.piece)
+        c = f.copies[0] if len(f.copies) == 1 else None
+        if c is not None and c.count == 1 and out.device.type == "cpu" and out.dtype == dtype \
+                and out.stride(0) == 1:
+            return self._direct(tf, f, c.src + f.lo, out[c.dst:c.dst + c.length])
+        return self._staged(tf, f, out, dtype)
+
+    def _direct(self, tf: TensorFile, f: Fetch, s: int, dst: torch.Tensor) -> int:
+        """Piece elements ``[s, s + len(dst))`` read into ``dst``. Verified: whole chunks inside the
+        range are read in place and hashed there; a partial chunk at either end is read whole into
+        the thread's bounce buffer, hashed, and its part copied."""
+        piece, size, e = f.piece, dst.element_size(), s + dst.numel()
+        if not f.verify:
+            self._read(tf, piece.key, s * size, e * size, dst)
+            return (e - s) * size
+        c, n = piece.chunk_elems, piece.stop - piece.start
+        k0, k1 = s // c, (e - 1) // c + 1
+        digests, read, whole = self._digests(piece, k0, k1), 0, []
+        for k in range(k0, k1):
+            lo, hi = k * c, min((k + 1) * c, n)
+            if s <= lo and hi <= e:
+                whole.append(k)
+                continue
+            read += self._whole_chunks(tf, piece, whole, digests, k0, s, dst)
+            whole = []
+            buf = _bounce((hi - lo) * size)
+            self._read(tf, piece.key, lo * size, hi * size, buf)
+            self._check(piece, k, buf, digests[k - k0])
+            a, b = max(lo, s), min(hi, e)
+            with self.clock("copy"):
+                dst[a - s:b - s].copy_(buf.view(dst.dtype)[a - lo:b - lo])
+            read += (hi - lo) * size
+        return read + self._whole_chunks(tf, piece, whole, digests, k0, s, dst)
+
+    def _whole_chunks(self, tf: TensorFile, piece: Piece, ks: list, digests: list, k0: int, s: int,
+                      dst: torch.Tensor) -> int:
+        """Consecutive whole chunks ``ks`` read with one call straight into ``dst``, hashed in place."""
+        if not ks:
+            return 0
+        c, n, size = piece.chunk_elems, piece.stop - piece.start, dst.element_size()
+        lo, hi = ks[0] * c, min((ks[-1] + 1) * c, n)
+        self._read(tf, piece.key, lo * size, hi * size, dst[lo - s:hi - s])
+        raw = raw_bytes(dst[lo - s:hi - s])
+        for k in ks:
+            self._check(piece, k, raw[(k * c - lo) * size:(min((k + 1) * c, n) - lo) * size], digests[k - k0])
+        return (hi - lo) * size
+
+    def _staged(self, tf: TensorFile, f: Fetch, out: torch.Tensor, dtype: torch.dtype) -> int:
+        """Strided copies, another dtype or device: the fetch read into a staging buffer (the bounce
+        buffer when it fits), verified chunk by chunk, then copied out."""
+        size, piece = dtype.itemsize, f.piece
+        nbytes = (f.hi - f.lo) * size
+        buf = _bounce(nbytes)
         if f.verify:
-            self._check_chunks(f.piece, data, f.lo)
-        for c in f.copies:
-            _copy(c, data, out)
-        return f.elements * data.element_size()
+            self._read(tf, piece.key, f.lo * size, f.hi * size, buf)
+            read = nbytes
+            c = piece.chunk_elems
+            k0 = f.lo // c
+            k1 = k0 + -(-(f.hi - f.lo) // c)
+            for k, digest in zip(range(k0, k1), self._digests(piece, k0, k1)):
+                lo, hi = (k * c - f.lo) * size, min(((k + 1) * c - f.lo) * size, nbytes)
+                self._check(piece, k, buf[lo:hi], digest)
+        else:  # only the copied runs, those less than a page apart joined into one read
+            read = 0
+            for lo, hi in _spans(f.copies, PAGE // size):
+                self._read(tf, piece.key, (f.lo + lo) * size, (f.lo + hi) * size, buf[lo * size:hi * size])
+                read += (hi - lo) * size
+        data = buf.view(dtype)
+        with self.clock("copy"):
+            for cp in f.copies:
+                _copy(cp, data, out)
+        return read
 
     def _read_transposed(self, name, state, region, start, stop, out: torch.Tensor) -> torch.Tensor:
         """Each rectangle of the range read in canonical order, scattered with one strided copy."""
@@ -250,36 +394,41 @@ class Checkpoint:
                               "reduce='average' or 'first' in the model spec if that is expected")
         return acc + part if reduce == "average" else acc
 
-    def _view(self, piece: Piece) -> torch.Tensor:
-        """The whole stored piece, a zero-copy view of the mapped file (nothing fetched yet)."""
-        data = self._handle(piece.file).flat(piece.key)
-        if data.numel() != piece.stop - piece.start:
-            raise FormatError(f"{os.path.join(self.path, piece.file)}: {piece.key!r} holds {data.numel()} "
-                              f"elements, the manifest says {piece.stop - piece.start}; the file is from "
-                              "another checkpoint — re-save it")
-        return data
+    def _file(self, piece: Piece) -> tuple[TensorFile, torch.dtype]:
+        """The open file holding ``piece``, and the piece's stored dtype (its size checked)."""
+        tf = self._handle(piece.file)
+        if tf.numel(piece.key) != piece.stop - piece.start:
+            raise FormatError(f"{os.path.join(self.path, piece.file)}: {piece.key!r} holds "
+                              f"{tf.numel(piece.key)} elements, the manifest says {piece.stop - piece.start}; "
+                              "the file is from another checkpoint — re-save it")
+        return tf, tf.dtype(piece.key)
 
-    def _check_chunks(self, piece: Piece, data: torch.Tensor, lo: int) -> None:
-        c = piece.chunk_elems
-        for i in range(0, data.numel(), c):
-            k = (lo + i) // c
-            digest = hashlib.sha256(tensor_bytes(data[i:i + c])).digest()
-            if digest != self._digest(piece, k):
-                raise FormatError(f"{os.path.join(self.path, piece.file)}: {piece.key!r} chunk {k} fails "
-                                  "its SHA-256 check (the file was modified or damaged); restore the "
-                                  "file or re-save, or load with verify=False to skip checks")
+    def _read(self, tf: TensorFile, key: str, byte_lo: int, byte_hi: int, dst) -> None:
+        with self.clock("read"):
+            tf.read_into(key, byte_lo, byte_hi, dst)
 
-    def _digest(self, piece: Piece, k: int) -> bytes | None:
-        """The recorded SHA-256 of chunk ``k`` of ``piece``: inline (1.0) or from the shard's digest
-        tensor (1.1, 32 bytes read and counted as metadata)."""
+    def _check(self, piece: Piece, k: int, data, digest: bytes | None) -> None:
+        """Chunk ``k`` of ``piece`` (its bytes, any buffer) against its recorded SHA-256."""
+        with self.clock("verify"):
+            ok = hashlib.sha256(raw_bytes(data) if torch.is_tensor(data) else data).digest() == digest
+        if not ok:
+            raise FormatError(f"{os.path.join(self.path, piece.file)}: {piece.key!r} chunk {k} fails "
+                              "its SHA-256 check (the file was modified or damaged); restore the "
+                              "file or re-save, or load with verify=False to skip checks")
+
+    def _digests(self, piece: Piece, k0: int, k1: int) -> list[bytes | None]:
+        """The recorded SHA-256 of chunks ``k0 .. k1 - 1`` of ``piece`` (None where none is
+        recorded): inline (1.0) or from the shard's digest tensor (1.1: one read, counted as metadata)."""
         if piece.digest_at < 0:
-            return bytes.fromhex(piece.digests[k]) if k < len(piece.digests) else None
-        table = self._handle(piece.file).flat(DIGESTS)
-        at = (piece.digest_at + k) * DIGEST_BYTES
-        if at + DIGEST_BYTES > table.numel():
-            return None
-        self.folder.count(DIGEST_BYTES)
-        return table[at:at + DIGEST_BYTES].numpy().tobytes()
+            return [bytes.fromhex(piece.digests[k]) if k < len(piece.digests) else None for k in range(k0, k1)]
+        tf = self._handle(piece.file)
+        total = tf.numel(DIGESTS)
+        lo, hi = min((piece.digest_at + k0) * DIGEST_BYTES, total), min((piece.digest_at + k1) * DIGEST_BYTES, total)
+        table = bytearray(hi - lo)
+        tf.read_into(DIGESTS, lo, hi, table)
+        self.folder.count(hi - lo)
+        got = [bytes(table[i:i + DIGEST_BYTES]) for i in range(0, hi - lo, DIGEST_BYTES)]
+        return got + [None] * (k1 - k0 - len(got))
 
     def read_atom(self, name: str, state: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         atom = self.atom(name)
