@@ -76,12 +76,8 @@ def _read_buffer(source, view: EngineView, opt, b: Z.Buffer, t: torch.Tensor, tr
         meta = pmap.atom(source, f.name)
         if not with_opt or meta.kind != "param":
             continue
-        mine = sorted(k for k in meta.states if k != "fp32")
-        if keys is not None and mine != keys:
-            raise StateMismatchError(f"{source.path}: {meta.name!r} has optimizer states {mine}, another "
-                                     f"parameter of the same ZeRO buffer {keys}; cannot merge them")
-        keys = mine
-        for key in mine:
+        keys = _state_keys(meta, keys, source.path)
+        for key in keys:
             if key not in states:
                 states[key] = _state_buffer(opt, t, key, getattr(torch, meta.states[key]))
             pmap.read(source, f.name, key, lo, hi, states[key].dtype, out=states[key][at])
@@ -91,6 +87,16 @@ def _read_buffer(source, view: EngineView, opt, b: Z.Buffer, t: torch.Tensor, tr
         for dst in (flat, *states.values()):
             dst[lo:hi].zero_()
     return states, _one_scalar_each(steps, b)
+
+
+def _state_keys(meta, keys: list | None, where: str) -> list:
+    """``meta``'s optimizer states (fp32 master aside), which must be those of the buffer's other
+    parameters (``keys``, None for the first): one flat buffer has one set of state tensors."""
+    mine = sorted(k for k in meta.states if k != "fp32")
+    if keys is not None and mine != keys:
+        raise StateMismatchError(f"{where}: {meta.name!r} has optimizer states {mine}, another "
+                                 f"parameter of the same ZeRO buffer {keys}; cannot merge them")
+    return mine
 
 
 def _one_scalar_each(scalars: dict, b: Z.Buffer) -> dict:
@@ -131,12 +137,8 @@ def describe(buffers, atoms: dict, trainable: set, with_opt: bool, where: str = 
                               f.buffer_offset))
             if not with_opt or meta.kind != "param":
                 continue
-            mine = sorted(k for k in meta.states if k != "fp32")
-            if keys is not None and mine != keys:
-                raise StateMismatchError(f"{where}: {meta.name!r} has optimizer states {mine}, another "
-                                         f"parameter of the same ZeRO buffer {keys}; cannot merge them")
-            keys = mine
-            wants += [Want(ReadItem(f.name, k, region, lo, hi), b.index, k, f.buffer_offset) for k in mine]
+            keys = _state_keys(meta, keys, where)
+            wants += [Want(ReadItem(f.name, k, region, lo, hi), b.index, k, f.buffer_offset) for k in keys]
     return tuple(wants)
 
 

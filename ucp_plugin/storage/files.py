@@ -15,7 +15,8 @@ from ..format import treecodec
 LATEST = "latest"
 
 
-def fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """Make a folder's entries, or a file written with ``write_tensors(..., sync=False)``, durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -31,7 +32,7 @@ def atomic_write_text(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def sha256_file(path: str, block: int = 1 << 22) -> str:
@@ -75,7 +76,7 @@ def write_tensors(path: str, tensors: dict[str, torch.Tensor], chunks: dict[str,
     whole file's SHA-256 and, for each key in ``chunks``, the SHA-256 of its consecutive
     ``chunks[key]``-element chunks. With ``digest_key`` those chunk digests (32 raw bytes each, in
     the order of ``tensors``) are stored in the same file as a last uint8 tensor of that name.
-    ``sync=False`` leaves the fsync to the caller (``fsync_file``, e.g. in a background thread)."""
+    ``sync=False`` leaves the fsync to the caller (``fsync_path``, e.g. in a background thread)."""
     chunks = chunks or {}
     flats = {k: v.detach().reshape(-1).contiguous() for k, v in tensors.items()}
     n_digests = sum(_n_chunks(flats[k].numel(), c) for k, c in chunks.items())
@@ -283,12 +284,3 @@ def read_latest(root: str) -> str | None:
 
 def write_latest(root: str, tag: str) -> None:
     atomic_write_text(os.path.join(root, LATEST), tag)
-
-
-def fsync_file(path: str) -> None:
-    """Make a file written earlier (``write_tensors(..., sync=False)``) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -25,7 +25,7 @@ from ..plan import IDENTITY, TRANSPOSED, transposed_rects
 from . import faults
 from .folder import in_use
 from .stale import owner_suffix, sweep
-from .files import atomic_write_text, fsync_dir, save_tree, write_latest, write_tensors
+from .files import atomic_write_text, fsync_path, save_tree, write_latest, write_tensors
 
 CHUNK_ELEMS = 1 << 16  # 256 KiB of fp32: the largest read-verification unit
 MIN_CHUNK_ELEMS = 1 << 10
@@ -219,7 +219,7 @@ def _publish(staging: str, final: str) -> None:
         old = f"{final}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
     os.replace(staging, final)
-    fsync_dir(os.path.dirname(final))
+    fsync_path(os.path.dirname(final))
     if old and not in_use(old):  # a job still reading it keeps it until a later commit's sweep
         shutil.rmtree(old, ignore_errors=True)
 

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import FormatError, UnsupportedError
 from ..storage import Checkpoint
-from ..storage.files import atomic_write_text, fsync_dir
+from ..storage.files import atomic_write_text, fsync_path
 
 ENGINE_KEYS = ("global_steps", "global_samples", "skipped_steps")
 # DeepSpeed checks the writer's version (ZeRO-1 refuses < 0.3.17); used when the manifest lacks it
@@ -101,6 +101,6 @@ def to_deepspeed(path: str, out: str, progress: bool = False) -> str:
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         torch.save(states, os.path.join(staging, name))
     os.replace(staging, final)
-    fsync_dir(out)
+    fsync_path(out)
     atomic_write_text(os.path.join(out, "latest_universal"), tag)
     return final

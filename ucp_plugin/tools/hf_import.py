@@ -20,7 +20,7 @@ from ..errors import FormatError
 from ..format import MANIFEST, Atom, Layout, Manifest, Writer
 from ..language.hf import HfRule, HfSpec, match
 from ..megatron.checkpoint import model_info
-from ..storage.files import atomic_write_text, fsync_dir
+from ..storage.files import atomic_write_text, fsync_path
 from .convert import write_atom
 from .hf_export import FAMILIES
 
@@ -158,5 +158,5 @@ def import_hf(hf_dir: str, out: str, family: str, progress: bool = False) -> str
     if os.path.exists(out):
         os.rmdir(out)
     os.replace(staging, out)
-    fsync_dir(os.path.dirname(os.path.abspath(out)))
+    fsync_path(os.path.dirname(os.path.abspath(out)))
     return out

@@ -29,7 +29,7 @@ from .. import __version__
 from ..errors import FormatError
 from ..format import MANIFEST, Atom, FileEntry, Layout, Manifest, Piece, Region, Writer
 from ..plan import zero as Z
-from ..storage.files import atomic_write_text, fsync_dir, fsync_file, open_tensors, save_tree, write_tensors
+from ..storage.files import atomic_write_text, fsync_path, open_tensors, save_tree, write_tensors
 from ..storage.writer import CHUNK_ELEMS
 from .convert import _atom_file, atom_record
 
@@ -108,7 +108,7 @@ def write_atom(out: str, atom: Atom, flat: dict[str, torch.Tensor]) -> tuple[Ato
 
 
 def _commit(tmp: str) -> None:
-    fsync_file(tmp)
+    fsync_path(tmp)
     os.replace(tmp, tmp[:-len(PARTIAL)])
 
 
@@ -133,7 +133,7 @@ class Converter:
         self._commits.shutdown(wait=True)
         for f in self._pending:
             f.result()
-        fsync_dir(os.path.join(self.out, "atoms"))
+        fsync_path(os.path.join(self.out, "atoms"))
 
 
 def budget(source) -> int:
