@@ -162,3 +162,28 @@ def test_transposed_blocks_cut_anywhere_store_canonical_pieces(tmp_path):
     for region, block in blocks:
         for a, b in [(0, 20), (3, 17), (9, 10)]:
             assert torch.equal(ck.read_fragment("fc1", "fp32", region, a, b, order=TRANSPOSED), block[a:b])
+
+
+def test_shard_digest_covers_every_byte_hashing_each_once(tmp_path):
+    """Format 1.2: a shard's listed SHA-256 is of its header and stored chunk digests ("chunks"),
+    hashed while written; ``ucp verify`` re-derives it from the file and finds one flipped byte
+    anywhere: in the 8-byte prefix, the header, a tensor or the digest tensor."""
+    from ucp_plugin.storage.files import chunks_sha256, file_sha256, sha256_file
+    from ucp_plugin.tools.verify import verify
+
+    write_tp2_dp2(str(tmp_path))
+    path = tmp_path / "step1" / "shards" / "rank-00001.safetensors"
+    entry = next(f for f in Checkpoint.open(str(tmp_path)).folder.index(1, True).files
+                 if f.path == "shards/rank-00001.safetensors")
+    assert entry.digest == "chunks" and chunks_sha256(str(path)) == entry.sha256 != sha256_file(str(path))
+    assert file_sha256(str(path), "file") == sha256_file(str(path)) and verify(str(tmp_path / "step1")) == []
+    good = path.read_bytes()
+    header_end = 8 + int.from_bytes(good[:8], "little")
+    for at, what in [(0, "prefix"), (20, "header"), (header_end + 5, "tensor"), (len(good) - 3, "digests")]:
+        data = bytearray(good)
+        data[at] ^= 0x01
+        path.write_bytes(bytes(data))
+        problems = verify(str(tmp_path / "step1"))
+        assert any(p.where.endswith("rank-00001.safetensors") for p in problems), (what, problems)
+    path.write_bytes(good)
+    assert verify(str(tmp_path / "step1")) == []

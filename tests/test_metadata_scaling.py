@@ -7,7 +7,7 @@ import os
 import torch
 
 from ucp_plugin.deepspeed.sources import UcpSource
-from ucp_plugin.format import Atom, Layout, Manifest, Region
+from ucp_plugin.format import FORMAT_VERSION, Atom, Layout, Manifest, Region
 from ucp_plugin.language import Replicated
 from ucp_plugin.plan import zero as Z
 from ucp_plugin.session import SaveHeader
@@ -68,7 +68,7 @@ def test_commit_reads_no_shard_or_state_bytes(tmp_path, monkeypatch):
     # the sizes and SHA-256 the ranks computed while writing are what `ucp verify` recomputes
     assert verify(str(tmp_path / "t")) == []
     top = json.loads((tmp_path / "t" / "ucp.json").read_text())
-    assert top["format_version"] == "1.1" and "pieces" not in top["atoms"][0]
+    assert top["format_version"] == FORMAT_VERSION and "pieces" not in top["atoms"][0]
     assert [f["path"] for f in top["files"]] == [f"index/rank-{r:05d}.json" for r in range(DP)]
 
 

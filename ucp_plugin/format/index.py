@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from ..errors import FormatError
-from .manifest import Atom, FileEntry, Piece, _build, decode_atom, decode_piece, piece_json
+from .manifest import Atom, FileEntry, Piece, _build, decode_atom, decode_piece, file_json, piece_json
 
 DIGESTS = "ucp.sha256"  # the shard file's tensor of chunk digests: 32 raw bytes each, in piece order
 DIGEST_BYTES = 32
@@ -42,7 +42,7 @@ class ShardIndex:
             d = asdict(a)
             del d["pieces"], d["shards"], d["regions"]
             atoms.append(d)
-        return json.dumps({"rank": self.rank, "atoms": atoms, "files": [asdict(f) for f in self.files],
+        return json.dumps({"rank": self.rank, "atoms": atoms, "files": [file_json(f) for f in self.files],
                            "pieces": [{"atom": n, **piece_json(p)} for n, p in self.pieces]},
                           separators=(",", ":"))
 

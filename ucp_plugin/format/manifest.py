@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from ..errors import FormatError
 
 FORMAT_NAME = "ucp"
-FORMAT_VERSION = "1.1"  # 1.1: pieces in per-shard indexes, chunk digests inside the shard files
+FORMAT_VERSION = "1.2"  # 1.1: pieces in per-shard indexes, chunk digests inside the shard files;
+# 1.2: a shard file's listed SHA-256 covers its header and chunk digests (FileEntry.digest "chunks")
 MANIFEST = "ucp.json"
 INDEX = "index/rank-{rank:05d}.json"
 ATOM_KINDS = ("param", "frozen", "buffer")
@@ -132,9 +133,28 @@ class Atom:
 
 @dataclass(frozen=True)
 class FileEntry:
+    """A file of the checkpoint. ``digest`` says what ``sha256`` is the digest of: ``"file"``, every
+    byte of the file; ``"chunks"`` (1.2, shard files), the file's first 8 bytes, its header and its
+    stored chunk-digest tensor, which cover every tensor byte, so the writer hashes each byte once."""
     path: str
     bytes: int
     sha256: str
+    digest: str = "file"
+
+    def __post_init__(self):
+        if self.digest not in FILE_DIGESTS:
+            raise ValueError(f"file {self.path!r}: digest {self.digest!r} is not one of {FILE_DIGESTS}")
+
+
+FILE_DIGESTS = ("file", "chunks")
+
+
+def file_json(f: FileEntry) -> dict:
+    """A file entry as stored: ``digest`` only when it is not the 1.0/1.1 whole-file digest."""
+    d = asdict(f)
+    if f.digest == "file":
+        del d["digest"]
+    return d
 
 
 @dataclass(frozen=True)
@@ -179,7 +199,7 @@ class Manifest:
         d = {"format": FORMAT_NAME, "format_version": self.format_version,
              "writer": asdict(self.writer), "layout": asdict(self.layout), "family": self.family,
              "iteration": self.iteration, "model": self.model, "atoms": atoms,
-             "files": [asdict(f) for f in self.files],
+             "files": [file_json(f) for f in self.files],
              "state": {"common": "state/common", "per_rank": "state/rank-{rank:05d}",
                        "ranks": self.state_ranks}}
         if self.indexed:

@@ -43,6 +43,53 @@ def sha256_file(path: str, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str, digest: str) -> str:
+    """The SHA-256 a ``format.FileEntry`` with this ``digest`` lists for the file at ``path``."""
+    return sha256_file(path) if digest == "file" else chunks_sha256(path)
+
+
+def chunks_sha256(path: str, block: int = 1 << 22) -> str:
+    """A shard's ``"chunks"`` digest, re-derived from its bytes: every chunk of every tensor is
+    hashed again and must equal the digest stored for it (else ``FormatError``), then the file's
+    first bytes, header and stored digests are hashed, as ``write_tensors`` did."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_text = f.read(int.from_bytes(prefix, "little"))
+        try:
+            header = json.loads(header_text)
+            sizes = json.loads(header.pop("__metadata__")[CHUNKS_META])
+            last = max(header, key=lambda k: header[k]["data_offsets"][0])  # the digest tensor
+            base = 8 + len(header_text)
+            again = b"".join(_chunk_digests(f, base, header[k]["data_offsets"],
+                                            c * _DTYPES[header[k]["dtype"]].itemsize, block) for k, c in sizes)
+        except (ValueError, KeyError, TypeError) as e:
+            raise FormatError(f"{path}: header without its chunk sizes ({e!r}); the file is damaged — "
+                              "restore it or re-save") from None
+        lo, hi = header[last]["data_offsets"]
+        f.seek(base + lo)
+        stored = f.read(hi - lo)
+    if stored != again:
+        raise FormatError(f"{path}: a chunk's SHA-256 differs from the one stored in the file (the file "
+                          "was modified or damaged); restore it or re-save")
+    return hashlib.sha256(prefix + header_text + stored).hexdigest()
+
+
+def _chunk_digests(f, base: int, offsets: list, chunk_bytes: int, block: int) -> bytes:
+    lo, hi = offsets
+    f.seek(base + lo)
+    out = []
+    for at in range(lo, max(hi, lo + 1), chunk_bytes):
+        h, left = hashlib.sha256(), min(chunk_bytes, hi - at)
+        while left > 0:
+            part = f.read(min(block, left))
+            if not part:
+                break
+            h.update(part)
+            left -= len(part)
+        out.append(h.digest())
+    return b"".join(out)
+
+
 def tensor_bytes(t: torch.Tensor):
     """A zero-copy uint8 view of a contiguous CPU tensor (any dtype, bf16 included)."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -63,46 +110,62 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 @dataclass(frozen=True)
 class Written:
-    """What ``write_tensors`` wrote: the file's size and SHA-256, and per tensor its chunk digests
-    (32 raw bytes each), all computed from the bytes as they were written."""
+    """What ``write_tensors`` wrote: the file's size, its SHA-256 (of what ``digest`` names, as in
+    ``format.FileEntry``) and per tensor its chunk digests (32 raw bytes each), all computed from the
+    bytes as they were written."""
     bytes: int
     sha256: str
     digests: dict
+    digest: str = "file"
+
+
+CHUNKS_META = "ucp.chunk_elems"  # header metadata of a shard: [[key, chunk elements], ...] in digest order
 
 
 def write_tensors(path: str, tensors: dict[str, torch.Tensor], chunks: dict[str, int] | None = None,
                   digest_key: str | None = None, sync: bool = True) -> Written:
-    """Write a safetensors file, fsynced, hashing every byte as it is written (never re-read): the
-    whole file's SHA-256 and, for each key in ``chunks``, the SHA-256 of its consecutive
-    ``chunks[key]``-element chunks. With ``digest_key`` those chunk digests (32 raw bytes each, in
-    the order of ``tensors``) are stored in the same file as a last uint8 tensor of that name.
-    ``sync=False`` leaves the fsync to the caller (``fsync_path``, e.g. in a background thread)."""
+    """Write a safetensors file, fsynced, hashing every byte as it is written (never re-read): for
+    each key in ``chunks``, the SHA-256 of its consecutive ``chunks[key]``-element chunks. Without
+    ``digest_key`` the file's SHA-256 is of all its bytes. With ``digest_key`` the chunk digests are
+    stored in the same file as a last uint8 tensor of that name, every tensor must be chunked, and
+    the file's SHA-256 is of its first bytes, header and digest tensor (``digest="chunks"``): each
+    byte is hashed once. ``sync=False`` leaves the fsync to the caller (``fsync_path``)."""
     chunks = chunks or {}
     flats = {k: v.detach().reshape(-1).contiguous() for k, v in tensors.items()}
-    n_digests = sum(_n_chunks(flats[k].numel(), c) for k, c in chunks.items())
-    layout = [(k, _NAMES[t.dtype], t.numel(), t.numel() * t.element_size()) for k, t in flats.items()]
-    if digest_key:
-        layout.append((digest_key, "U8", 32 * n_digests, 32 * n_digests))
-    header, offset = {}, 0
-    for k, dtype, numel, n in layout:
-        header[k] = {"dtype": dtype, "shape": [numel], "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
+    if digest_key and set(chunks) != set(flats):
+        raise ValueError(f"{path}: with a digest tensor every tensor needs a chunk size")
+    text = _header(flats, chunks, digest_key)
     whole, digests = hashlib.sha256(), {}
     with open(path, "wb") as f:
         for part in (len(text).to_bytes(8, "little"), text):
             f.write(part)
             whole.update(part)
         for k, t in flats.items():
-            digests[k] = _write_hashed(f, whole, tensor_bytes(t), chunks.get(k, 0) * t.element_size())
+            digests[k] = _write_hashed(f, None if digest_key else whole, tensor_bytes(t),
+                                       chunks.get(k, 0) * t.element_size())
         if digest_key:
-            _write_hashed(f, whole, b"".join(d for k in flats if k in chunks for d in digests[k]), 0)
+            _write_hashed(f, whole, b"".join(d for k in flats for d in digests[k]), 0)
         f.flush()
         if sync:
             os.fsync(f.fileno())
         size = f.tell()
-    return Written(size, whole.hexdigest(), digests)
+    return Written(size, whole.hexdigest(), digests, "chunks" if digest_key else "file")
+
+
+def _header(flats: dict, chunks: dict, digest_key: str | None) -> bytes:
+    """The safetensors header, padded to 8 bytes; a shard's also names its chunk sizes, so that
+    ``chunks_sha256`` can re-derive its digest from the file alone."""
+    n_digests = sum(_n_chunks(flats[k].numel(), c) for k, c in chunks.items())
+    layout = [(k, _NAMES[t.dtype], t.numel(), t.numel() * t.element_size()) for k, t in flats.items()]
+    header, offset = {}, 0
+    if digest_key:
+        layout.append((digest_key, "U8", 32 * n_digests, 32 * n_digests))
+        header["__metadata__"] = {CHUNKS_META: json.dumps([[k, chunks[k]] for k in flats])}
+    for k, dtype, numel, n in layout:
+        header[k] = {"dtype": dtype, "shape": [numel], "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return text + b" " * (-len(text) % 8)
 
 
 def _n_chunks(numel: int, chunk: int) -> int:
@@ -110,14 +173,16 @@ def _n_chunks(numel: int, chunk: int) -> int:
 
 
 def _write_hashed(f, whole, data, chunk_bytes: int) -> list[bytes]:
-    """Write ``data``; SHA-256 of each ``chunk_bytes`` chunk (none when 0) and of the file so far.
+    """Write ``data``; SHA-256 of each ``chunk_bytes`` chunk (none when 0); ``whole`` (a running
+    SHA-256 of the file, or None) takes the bytes too.
     An empty tensor has one chunk (the digest of no bytes), as ``chunk_digests`` counts."""
     step = chunk_bytes or (1 << 24)
     out = []
     for i in range(0, max(len(data), 1), step):
         part = data[i:i + step]
         f.write(part)
-        whole.update(part)
+        if whole is not None:
+            whole.update(part)
         if chunk_bytes:
             out.append(hashlib.sha256(part).digest())
     return out

@@ -116,7 +116,7 @@ class ShardWriter:
         if self._tensors:
             written = write_tensors(os.path.join(self.staging, self.file), self._tensors,
                                     {p.key: p.chunk_elems for _, p in self._pieces}, DIGESTS)
-            self._files.insert(0, FileEntry(self.file, written.bytes, written.sha256))
+            self._files.insert(0, FileEntry(self.file, written.bytes, written.sha256, written.digest))
             at = _digest_offsets(self._tensors, written.digests)
             pieces = [(name, replace(p, digest_at=at[p.key])) for name, p in self._pieces]
         faults.point("after_shard", self.rank)

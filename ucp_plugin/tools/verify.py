@@ -15,7 +15,7 @@ from ..errors import FormatError
 from ..format import INDEX, MANIFEST, Atom, Manifest
 from ..plan import runs
 from ..storage import Checkpoint
-from ..storage.files import open_tensors, sha256_file
+from ..storage.files import file_sha256, open_tensors
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,8 @@ def _check_files(folder: str, m: Manifest, hashes: bool) -> list[Problem]:
         elif os.path.getsize(full) != f.bytes:
             problems.append(Problem(full, f"is {os.path.getsize(full)} bytes, the manifest says {f.bytes} "
                                           "(truncated or overwritten); restore it or re-save"))
-        elif hashes and sha256_file(full) != f.sha256:
-            problems.append(Problem(full, "SHA-256 differs from the manifest (the file was modified or "
-                                          "damaged); restore it or re-save"))
+        elif hashes:
+            problems += _check_digest(full, f)
     for root, _, names in os.walk(folder):
         for name in names:
             rel = os.path.relpath(os.path.join(root, name), folder)
@@ -90,6 +89,16 @@ def _check_files(folder: str, m: Manifest, hashes: bool) -> list[Problem]:
                 problems.append(Problem(os.path.join(folder, rel), "unknown file, not part of this "
                                         "checkpoint; remove it (nothing reads it)"))
     return problems
+
+
+def _check_digest(full: str, f) -> list[Problem]:
+    try:
+        if file_sha256(full, f.digest) == f.sha256:
+            return []
+    except FormatError as e:
+        return [Problem(full, str(e).split(": ", 1)[1])]
+    return [Problem(full, "SHA-256 differs from the manifest (the file was modified or damaged); "
+                          "restore it or re-save")]
 
 
 def _check_atom(folder: str, atom: Atom, bad_files: set[str]) -> list[Problem]:
