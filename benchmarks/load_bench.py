@@ -380,6 +380,9 @@ def summarise_loads(rows: list[list[dict]], saved: dict) -> dict:
             "median_cpu_seconds_max_rank": med([max(r.get("cpu_seconds", float("nan")) for r in ls) for ls in loads]),
             "peak_rss_max": med([max(r["peak_rss"] for r in ls) for ls in loads]),
             "rss_before_max": med([max(r["rss_before"] for r in ls) for ls in loads]),
+            # what the load itself adds: the processes keep what earlier loads left in the allocator,
+            # so the absolute peak depends on which side ran before; the growth does not
+            "rss_growth_max": med([max(r["peak_rss"] - r["rss_before"] for r in ls) for ls in loads]),
             "rchar_per_rank": [r["rchar"] for r in loads[-1]],
             "read_bytes_per_rank": [r["read_bytes"] for r in loads[-1]],
             "plugin_fetched_per_rank": [r["plugin_bytes"]["fetched"] for r in loads[-1]] if kept else None,

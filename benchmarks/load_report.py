@@ -24,9 +24,9 @@ def targets(results: dict) -> list[dict]:
     r = ratio(loads["DP4"]["plugin"]["median_seconds"], loads["DP4"]["native"]["median_seconds"])
     out.append({"target": "same-layout load DP4: plugin / native <= 1.2", "value": r, "met": r <= 1.2})
     for dp in ("DP2", "DP3"):
-        r = ratio(loads[dp]["plugin"]["peak_rss_max"], loads[dp]["ds_universal"]["peak_rss_max"])
-        out.append({"target": f"peak RSS per loading rank {dp}: plugin / load_universal <= 1", "value": r,
-                    "met": r <= 1.0})
+        r = ratio(loads[dp]["plugin"]["rss_growth_max"], loads[dp]["ds_universal"]["rss_growth_max"])
+        out.append({"target": f"peak RSS growth during the load per rank {dp}: plugin / load_universal <= 1",
+                    "value": r, "met": r <= 1.0})
     worst = max(ratio(f, k) for dp in ("DP2", "DP3", "DP4")
                 for f, k in zip(loads[dp]["plugin"]["plugin_fetched_per_rank"],
                                 loads[dp]["plugin"]["plugin_requested_per_rank"]))
