@@ -72,8 +72,14 @@ def masters(optimizer) -> dict:
 def gathered_params(optimizer) -> set[int]:
     """ids of the model parameters the DistributedOptimizer's param all-gather sets: every one in
     its DDP buffers, owned by this rank or not (frozen parameters are in none)."""
-    return {id(p) for opt in inner_optimizers(optimizer) if hasattr(opt, "model_param_group_index_map")
-            for buf in getattr(opt, "buffers", ()) for p in buf.param_index_map}
+    return {id(p) for opt in _gathering(optimizer) for buf in opt.buffers for p in buf.param_index_map}
+
+
+def _gathering(optimizer) -> list:
+    """The DistributedOptimizers whose model parameters live in DDP buffers that megatron all-gathers
+    (not a stub without buffers, not FSDP)."""
+    return [o for o in inner_optimizers(optimizer)
+            if hasattr(o, "model_param_group_index_map") and getattr(o, "buffers", None)]
 
 
 def assemble_model_params(optimizer) -> None:
@@ -81,10 +87,9 @@ def assemble_model_params(optimizer) -> None:
     and all-gather it over DP (over expert-DP for expert parameters), as megatron does after a step.
     Collective: every rank of the job calls it."""
     chunks = {}
-    for opt in inner_optimizers(optimizer):
-        if hasattr(opt, "model_param_group_index_map") and getattr(opt, "buffers", None):  # not a stub, not FSDP
-            opt._copy_main_params_to_model_params()
-            chunks.update((id(c), c) for c in opt.model_chunks)
+    for opt in _gathering(optimizer):
+        opt._copy_main_params_to_model_params()
+        chunks.update((id(c), c) for c in opt.model_chunks)
     for chunk in chunks.values():
         for group in chunk.bucket_groups + chunk.expert_parallel_bucket_groups:
             if group.param_gather_handle is not None:  # a gather still in flight would end the sync below

@@ -48,51 +48,42 @@ def file_sha256(path: str, digest: str) -> str:
     return sha256_file(path) if digest == "file" else chunks_sha256(path)
 
 
-def chunks_sha256(path: str, block: int = 1 << 22) -> str:
+def chunks_sha256(path: str) -> str:
     """A shard's ``"chunks"`` digest, re-derived from its bytes: every chunk of every tensor is
     hashed again and must equal the digest stored for it (else ``FormatError``), then the file's
     first bytes, header and stored digests are hashed, as ``write_tensors`` did."""
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        header_text = f.read(int.from_bytes(prefix, "little"))
-        try:
-            header = json.loads(header_text)
-            sizes = json.loads(header.pop("__metadata__")[CHUNKS_META])
-            last = max(header, key=lambda k: header[k]["data_offsets"][0])  # the digest tensor
-            base = 8 + len(header_text)
-            again = b"".join(_chunk_digests(f, base, header[k]["data_offsets"],
-                                            c * _DTYPES[header[k]["dtype"]].itemsize, block) for k, c in sizes)
-        except (ValueError, KeyError, TypeError) as e:
-            raise FormatError(f"{path}: header without its chunk sizes ({e!r}); the file is damaged — "
-                              "restore it or re-save") from None
-        lo, hi = header[last]["data_offsets"]
-        f.seek(base + lo)
-        stored = f.read(hi - lo)
+    tf = TensorFile(path)
+    try:
+        sizes = json.loads(tf.metadata[CHUNKS_META])
+        last = tf.keys()[-1]  # the digest tensor
+        again = b"".join(_chunk_digests(tf, key, chunk) for key, chunk in sizes)
+        stored = bytes(tf.read(last).numpy())
+        head = os.pread(tf.fileno(), tf.header_bytes, 0)
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{path}: header without its chunk sizes ({e!r}); the file is damaged — "
+                          "restore it or re-save") from None
+    finally:
+        tf.close()
     if stored != again:
         raise FormatError(f"{path}: a chunk's SHA-256 differs from the one stored in the file (the file "
                           "was modified or damaged); restore it or re-save")
-    return hashlib.sha256(prefix + header_text + stored).hexdigest()
+    return hashlib.sha256(head + stored).hexdigest()
 
 
-def _chunk_digests(f, base: int, offsets: list, chunk_bytes: int, block: int) -> bytes:
-    lo, hi = offsets
-    f.seek(base + lo)
+def _chunk_digests(tf: "TensorFile", key: str, chunk_elems: int) -> bytes:
+    """The SHA-256 of each ``chunk_elems``-element chunk of tensor ``key``, read one chunk at a time."""
+    step, total = chunk_elems * tf.dtype(key).itemsize, tf.numel(key) * tf.dtype(key).itemsize
     out = []
-    for at in range(lo, max(hi, lo + 1), chunk_bytes):
-        h, left = hashlib.sha256(), min(chunk_bytes, hi - at)
-        while left > 0:
-            part = f.read(min(block, left))
-            if not part:
-                break
-            h.update(part)
-            left -= len(part)
-        out.append(h.digest())
+    for lo in range(0, max(total, 1), step):
+        buf = bytearray(min(step, total - lo))
+        tf.read_into(key, lo, lo + len(buf), buf)
+        out.append(hashlib.sha256(buf).digest())
     return b"".join(out)
 
 
 def tensor_bytes(t: torch.Tensor):
-    """A zero-copy uint8 view of a contiguous CPU tensor (any dtype, bf16 included)."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    """A uint8 view of a CPU tensor's bytes (any dtype, bf16 included): zero-copy when contiguous."""
+    return raw_bytes(t.detach().contiguous())
 
 
 def chunk_digests(t: torch.Tensor, chunk_elems: int) -> tuple[str, ...]:
@@ -232,7 +223,7 @@ class TensorFile:
             if not 0 < n <= size - 8:
                 raise ValueError(f"header length {n} does not fit the file's {size} bytes")
             header = json.loads(os.pread(self._fd, n, 8))
-            header.pop("__metadata__", None)
+            self.metadata = header.pop("__metadata__", None) or {}
             self._entries = {k: self._entry(k, v, size - 8 - n) for k, v in header.items()}
         except (ValueError, KeyError, TypeError) as e:
             raise FormatError(f"{path}: not a readable safetensors file ({e}); the file is truncated or "
@@ -249,6 +240,13 @@ class TensorFile:
         if not 0 <= begin <= end <= data_bytes or end - begin != numel * dtype.itemsize:
             raise ValueError(f"tensor {key!r} lies outside the file or has the wrong size")
         return dtype, begin, end
+
+    def keys(self) -> list[str]:
+        """The tensors' names, in the order their bytes lie in the file."""
+        return sorted(self._entries, key=lambda k: self._entries[k][1])
+
+    def fileno(self) -> int:
+        return self._fd
 
     def close(self) -> None:
         if self._fd is not None:
@@ -305,8 +303,8 @@ class TensorFile:
 def raw_bytes(t: torch.Tensor):
     """A writable uint8 NumPy view of contiguous CPU tensor ``t``'s memory (any dtype)."""
     if not t.is_contiguous() or t.device.type != "cpu":
-        raise ValueError(f"reading into a tensor of shape {tuple(t.shape)} on {t.device}: it must be a "
-                         "contiguous CPU tensor")
+        raise ValueError(f"the bytes of a tensor of shape {tuple(t.shape)} on {t.device}: only a "
+                         "contiguous CPU tensor is read or written in place")
     return t.detach().reshape(-1).view(torch.uint8).numpy()
 
 

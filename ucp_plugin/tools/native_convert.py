@@ -21,17 +21,15 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 
 import torch
 
 from .. import __version__
 from ..errors import FormatError
-from ..format import MANIFEST, Atom, FileEntry, Layout, Manifest, Piece, Region, Writer
+from ..format import MANIFEST, Atom, FileEntry, Layout, Manifest, Writer
 from ..plan import zero as Z
-from ..storage.files import atomic_write_text, fsync_path, open_tensors, save_tree, write_tensors
-from ..storage.writer import CHUNK_ELEMS
-from .convert import _atom_file, atom_record
+from ..storage.files import atomic_write_text, fsync_path, open_tensors, save_tree
+from .convert import _atom_file, atom_record, write_atom_file
 
 ADAPTER = "deepspeed.native-convert"
 STAGES = {Z.PER_PARAM: 0, Z.ZERO3: 3}
@@ -98,13 +96,8 @@ class Reader:
 def write_atom(out: str, atom: Atom, flat: dict[str, torch.Tensor]) -> tuple[Atom, FileEntry, str]:
     """One atom's 1-D states written to ``atoms/<name>.safetensors.partial``, hashed as written, not yet
     durable: the atom with its pieces, the file's manifest entry, and the temporary path."""
-    rel = _atom_file(atom.name)
-    tmp = os.path.join(out, rel + PARTIAL)
-    w = write_tensors(tmp, flat, chunks={s: CHUNK_ELEMS for s in flat}, sync=False)
-    whole = Region.whole(atom.shape)
-    pieces = tuple(Piece(s, rel, s, whole, 0, atom.numel, 0, CHUNK_ELEMS, tuple(d.hex() for d in w.digests[s]))
-                   for s in flat)
-    return replace(atom, pieces=pieces), FileEntry(rel, w.bytes, w.sha256), tmp
+    tmp = os.path.join(out, _atom_file(atom.name) + PARTIAL)
+    return (*write_atom_file(tmp, atom, flat, sync=False), tmp)
 
 
 def _commit(tmp: str) -> None:
