@@ -11,7 +11,7 @@ import torch
 from ucp_plugin.errors import FormatError, UnsupportedError
 from ucp_plugin.deepspeed import config as cfg
 from ucp_plugin.deepspeed import disable, enable
-from ucp_plugin.deepspeed.native import safe_load
+from ucp_plugin.dsfiles.native import safe_load
 from ucp_plugin.deepspeed.sources import open_source
 
 
@@ -219,7 +219,7 @@ def _native_stage0(folder, state: dict):
 
 
 def test_native_stage0_states_are_named_by_the_optimizer(tmp_path):
-    from ucp_plugin.deepspeed.native import NativeSource
+    from ucp_plugin.dsfiles.native import NativeSource
 
     _native_stage0(tmp_path / "ok", {0: {"momentum_buffer": torch.full((2, 3), 2.0)},
                                      1: {"momentum_buffer": torch.full((4,), 3.0)}})

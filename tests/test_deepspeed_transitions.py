@@ -193,7 +193,7 @@ def test_sources_agree_with_each_other(sources):
 
 
 def test_native_files_need_the_safe_loader(sources):
-    from ucp_plugin.deepspeed.native import safe_load
+    from ucp_plugin.dsfiles.native import safe_load
 
     folder = os.path.join(sources["native_dp2"]["dir"], "global_step3")
     optim = os.path.join(folder, "zero_pp_rank_1_mp_rank_00_optim_states.pt")

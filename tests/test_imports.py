@@ -17,7 +17,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Lowest first. ``errors`` and ``comm`` (the one collective wrapper) are base utilities anyone uses;
 # ``models`` declare families in the language; ``session`` is the distributed save protocol the
 # adapters share.
-LAYERS = (("",), ("errors",), ("comm",), ("format",), ("language",), ("models",), ("plan",), ("storage",),
+LAYERS = (("",), ("errors",), ("comm",), ("format",), ("language",), ("models",), ("plan",), ("storage",), ("dsfiles",),
           ("async_save",), ("session",), ("deepspeed", "megatron"),
           ("integrations.megatron_lm", "integrations.megatron_deepspeed", "integrations"),
           ("tools",), ("cli",), ("testing",))

@@ -1,7 +1,7 @@
 """``ucp convert NATIVE_DIR OUT``: plain DeepSpeed checkpoints (ZeRO-2 and ZeRO-3, DP2) converted
 offline. The result must verify, hold exactly what the plugin reads from the native checkpoint (every
 atom state, scalars, training state), be byte for byte what the plain composition of the library's
-pieces writes (``NativeSource.read`` + ``convert.write_atom``: manifest and every file), resume after an
+pieces writes (``NativeSource.read`` + ``atom_files.write_atom``: manifest and every file), resume after an
 interruption without redoing finished atoms, and stay within the stated memory bound on a model whose
 largest parameter is 13.2 M elements."""
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _reference(native_dir: str, out: str) -> None:
     from ucp_plugin.format import MANIFEST, Manifest
     from ucp_plugin.storage.files import atomic_write_text
     from ucp_plugin.tools import native_convert as N
-    from ucp_plugin.tools.convert import write_atom
+    from ucp_plugin.storage.atom_files import write_atom
     source = N._source(native_dir)
     os.makedirs(os.path.join(out, "atoms"))
     done = [write_atom(out, a, {s: source.read(a.name, s, 0, a.numel, getattr(torch, d)) for s, d in a.states.items()})
@@ -86,6 +86,50 @@ def test_converted_equals_native(native, tmp_path, name, workers):
     assert all(got[k] == ref[k] for k in ref)
 
 
+CONVERT = """
+import sys
+from ucp_plugin.cli.main import main
+rc = main(["convert", sys.argv[1], sys.argv[2]])
+print(rc, sorted(m for m in ("torch", "deepspeed") if m in sys.modules))
+"""
+
+
+def test_reads_what_torch_load_reads_and_converts_without_torch(native, tmp_path):
+    """The rank files read by ``ptfile`` (NumPy) equal ``torch.load`` of them, DeepSpeed's own classes
+    included; and ``ucp convert`` of a native checkpoint imports neither torch nor DeepSpeed."""
+    from ucp_plugin.dsfiles.native import CLASSES
+    from ucp_plugin.dsfiles.ptfile import PtFile, as_torch
+    for name in ("z2", "z3"):
+        for f in sorted(os.listdir(native[name])):
+            path = os.path.join(native[name], f)
+            got, want = as_torch(PtFile(path, CLASSES).obj), torch.load(path, weights_only=False)
+            _same_tensors(got, want, f)
+    r = subprocess.run([sys.executable, "-c", CONVERT, native["z3"], str(tmp_path / "out")], capture_output=True,
+                       text=True, env={**os.environ, **_env()}, timeout=600)
+    assert r.stdout.split("\n")[-2] == "0 []", r.stdout + r.stderr
+
+
+def _same_tensors(got, want, where: str) -> None:
+    """Every tensor of ``want`` (nested in dicts, lists and DeepSpeed's objects) equals ``got``'s."""
+    if torch.is_tensor(want):
+        assert torch.is_tensor(got) and got.dtype == want.dtype and got.shape == want.shape, where
+        assert torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert list(got) == list(want), where
+        for k in want:
+            _same_tensors(got[k], want[k], f"{where}[{k!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            _same_tensors(a, b, f"{where}[{i}]")
+    elif isinstance(want, int):  # ZeroStageEnum: an int enum
+        assert int(got) == int(want), where
+    elif hasattr(want, "__dict__"):
+        _same_tensors(vars(got), vars(want), where)
+    else:
+        assert got == want, where
+
+
 def test_missing_elements_are_an_error():
     """Buffers are allocated uninitialised: a state the rank files do not fully cover must fail, naming it."""
     from ucp_plugin.errors import FormatError
@@ -100,7 +144,7 @@ def test_missing_elements_are_an_error():
 
         def fill(self, out, name, state):
             out[:-1] = 1.0
-            return out.numel() - 1
+            return out.size - 1
 
     atom = Atom("layer.weight", "param", (2, 3), {}, {"fp32": "float32"})
     with pytest.raises(FormatError, match=r"ckpt: parameter 'layer.weight' \(fp32\): the rank files hold 5 of its 6"):
@@ -121,10 +165,10 @@ def test_resumes_after_interruption(native, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         N.convert_native(native["z2"], out)
     assert not os.path.exists(os.path.join(out, "ucp.json"))  # not committed
-    first = {n: os.stat(os.path.join(out, N._atom_file(n))).st_mtime_ns for n in calls}
+    first = {n: os.stat(os.path.join(out, N.atom_file(n))).st_mtime_ns for n in calls}
     monkeypatch.setattr(N, "write_atom", real)
     N.convert_native(native["z2"], out)
-    assert {n: os.stat(os.path.join(out, N._atom_file(n))).st_mtime_ns for n in calls} == first  # kept
+    assert {n: os.stat(os.path.join(out, N.atom_file(n))).st_mtime_ns for n in calls} == first  # kept
     _same(native["z2"], out)
 
 

@@ -36,7 +36,7 @@ def _convert(args) -> int:
         out = to_deepspeed(args.path, args.out, progress=sys.stderr.isatty())
         print(f"wrote DeepSpeed universal checkpoint {out} (resume with \"checkpoint\": {{\"load_universal\": true}})")
         return 0
-    from ..deepspeed.native import is_native
+    from ..dsfiles.native import is_native
     from ..format import MANIFEST
     if not os.path.isfile(os.path.join(args.path, MANIFEST)) and is_native(args.path):
         from ..tools.native_convert import convert_native

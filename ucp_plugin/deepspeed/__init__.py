@@ -8,7 +8,7 @@ save DeepSpeed's own format). It calls ``enable()``, which wraps four engine met
 ``_do_sanity_check`` and ``_configure_distributed_model`` so that ``deepspeed.initialize`` already
 refuses settings the adapter cannot save (``config.check_engine``, before and after the engine wraps
 the model). Engines without the config key keep DeepSpeed's behaviour; ``disable()`` removes the
-wrappers. ``load_checkpoint`` also reads native DeepSpeed checkpoints (``native.py``) onto any layout.
+wrappers. ``load_checkpoint`` also reads native DeepSpeed checkpoints (``dsfiles.native``) onto any layout.
 """
 from __future__ import annotations
 

@@ -21,18 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedError
-from ..format import scalar_value
-
-
-def is_scalar(value) -> bool:
-    """A one-number state: a 0-d tensor or a Python int/float (not a bool)."""
-    if torch.is_tensor(value):
-        return value.dim() == 0
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def scalar(value) -> int | float:
-    return scalar_value(value.item() if torch.is_tensor(value) else value)
+from ..format import is_scalar, scalar_value
 
 
 def split_state(entry: dict, numel: int, where: str) -> tuple[dict, dict]:
@@ -42,7 +31,7 @@ def split_state(entry: dict, numel: int, where: str) -> tuple[dict, dict]:
         if torch.is_tensor(value) and value.numel() == numel and value.dim() > 0:
             tensors[key] = value.detach().reshape(-1)
         elif is_scalar(value) or (torch.is_tensor(value) and value.numel() == 1):
-            scalars[key] = scalar(value.reshape(()) if torch.is_tensor(value) else value)
+            scalars[key] = scalar_value(value)
         else:
             raise UnsupportedError(f"{where}: optimizer state {key!r} ({type(value).__name__}) is neither "
                                    "a per-element tensor nor a scalar; this optimizer is not supported")

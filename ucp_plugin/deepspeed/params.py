@@ -17,9 +17,8 @@ import torch
 
 from ..errors import StateMismatchError
 from ..format import WEIGHT_STATE, Atom, Layout, Region, dtype_name
-from ..language import Replicated
+from ..dsfiles.native import SPLIT
 
-SPLIT = Replicated().to_json()  # a plain DeepSpeed parameter is never split over TP
 
 
 def _some(names: list) -> str:

@@ -110,13 +110,13 @@ def register_source(kind: SourceKind) -> None:
 
 
 def _native(folder: str, verify: bool):
-    from .native import NativeSource
+    from ..dsfiles.native import NativeSource
 
     return NativeSource(folder)
 
 
 def _is_native(folder: str) -> bool:
-    from .native import is_native
+    from ..dsfiles.native import is_native
 
     return is_native(folder)
 
@@ -125,13 +125,13 @@ register_source(SourceKind("ucp", lambda folder: os.path.isfile(os.path.join(fol
                            lambda folder, verify: UcpSource(Checkpoint.open(folder, verify=verify)),
                            f"a universal checkpoint ({MANIFEST})"))
 def _ds_universal(folder: str, verify: bool):
-    from .ds_universal import DsUniversalSource
+    from ..dsfiles.universal import DsUniversalSource
 
     return DsUniversalSource(folder)
 
 
 def _is_ds_universal(folder: str) -> bool:
-    from .ds_universal import is_ds_universal
+    from ..dsfiles.universal import is_ds_universal
 
     return is_ds_universal(folder)
 

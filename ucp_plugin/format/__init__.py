@@ -24,7 +24,7 @@ Vocabulary, fixed here for the whole package (docs, code and errors use these wo
 """
 from .index import DIGEST_BYTES, DIGESTS, ShardIndex
 from .manifest import (ATOM_KINDS, FORMAT_VERSION, INDEX, MANIFEST, WEIGHT_STATE, Atom, FileEntry, Layout, Manifest,
-                       Piece, Region, Writer, check_version, dtype_name, scalar_value)
+                       Piece, Region, Writer, check_version, dtype_name, is_scalar, scalar_value)
 
 __all__ = ["ATOM_KINDS", "DIGESTS", "DIGEST_BYTES", "INDEX", "ShardIndex", "FORMAT_VERSION", "MANIFEST", "Atom", "FileEntry", "Layout", "Manifest", "Piece",
-           "Region", "Writer", "check_version", "dtype_name", "WEIGHT_STATE", "scalar_value"]
+           "Region", "Writer", "check_version", "dtype_name", "is_scalar", "WEIGHT_STATE", "scalar_value"]

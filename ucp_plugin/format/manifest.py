@@ -27,9 +27,16 @@ def dtype_name(dtype) -> str:
 
 
 def scalar_value(value) -> int | float:
-    """A scalar state (optimizer ``step``, a 0-d tensor's ``item()``) as the manifest stores it: an int
+    """A scalar state (optimizer ``step``: a number or a 0-d tensor) as the manifest stores it: an int
     when it is integral (torch AdamW keeps ``step`` as a float tensor), else a float."""
     return int(value) if float(value).is_integer() else float(value)
+
+
+def is_scalar(value) -> bool:
+    """A one-number state: a 0-d tensor (torch's or numpy's) or a Python int/float (not a bool)."""
+    if hasattr(value, "ndim") and hasattr(value, "item"):
+        return value.ndim == 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

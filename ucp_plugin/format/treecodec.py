@@ -7,32 +7,39 @@ with their path, so nothing that needs pickle (and could run code on read) ever 
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
-import torch
 
 from ..errors import FormatError, UnsupportedError
 
 _SCALARS = (str, int, bool, type(None))
 
 
-def encode(obj, where: str = "state") -> tuple[object, dict[str, torch.Tensor]]:
-    tensors: dict[str, torch.Tensor] = {}
+def is_tensor(obj) -> bool:
+    """Whether ``obj`` is a torch tensor, without importing torch: none exists before torch is."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def encode(obj, where: str = "state") -> tuple[object, dict]:
+    """(JSON-able tree, tensors by key): torch tensors as CPU copies, NumPy arrays as array copies."""
+    tensors: dict = {}
     return _enc(obj, where, tensors), tensors
 
 
-def _enc(obj, path: str, tensors: dict[str, torch.Tensor]):
+def _enc(obj, path: str, tensors: dict):
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else {"__float__": repr(obj)}
     if isinstance(obj, _SCALARS):
         return obj
-    if isinstance(obj, torch.Tensor):
+    if is_tensor(obj):
         key = f"t{len(tensors)}"
         tensors[key] = obj.detach().cpu().contiguous().clone()
         return {"__tensor__": key}
     if isinstance(obj, np.ndarray):
         key = f"t{len(tensors)}"
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj).copy())
+        tensors[key] = np.ascontiguousarray(obj).copy()
         return {"__ndarray__": key}
     if isinstance(obj, np.generic):
         return _enc(obj.item(), path, tensors)
@@ -50,7 +57,7 @@ def _enc(obj, path: str, tensors: dict[str, torch.Tensor]):
                            "convert it to numbers, strings, lists, dicts or tensors")
 
 
-def decode(obj, tensors: dict[str, torch.Tensor], where: str = "state"):
+def decode(obj, tensors: dict, where: str = "state"):
     if isinstance(obj, list):
         return [decode(v, tensors, where) for v in obj]
     if not isinstance(obj, dict):

@@ -1,16 +1,23 @@
-"""Durable file operations: atomic writes, fsync, hashing, tensor files, state trees, `latest`."""
+"""Durable file operations: atomic writes, fsync, hashing, tensor files, state trees, `latest`.
+
+torch is imported only where a torch tensor is made or taken apart: the bytes of a file are written
+and read from NumPy arrays or buffers, so that ``ucp convert`` of a native DeepSpeed checkpoint,
+which never builds a torch tensor, runs without importing torch (over a second of a two-second
+conversion; docs/BENCHMARKS.md).
+"""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 
-import torch
-from safetensors import safe_open
+import numpy as np
 
 from ..errors import FormatError
-from ..format import treecodec
+from ..format import dtype_name, treecodec
+from ..format.treecodec import is_tensor
 
 LATEST = "latest"
 
@@ -49,54 +56,85 @@ def file_sha256(path: str, digest: str) -> str:
 
 
 def chunks_sha256(path: str) -> str:
-    """A shard's ``"chunks"`` digest, re-derived from its bytes: every chunk of every tensor is
-    hashed again and must equal the digest stored for it (else ``FormatError``), then the file's
-    first bytes, header and stored digests are hashed, as ``write_tensors`` did."""
+    """A shard's ``"chunks"`` digest, re-derived from its bytes (``stored_digests``)."""
+    return stored_digests(path)[0]
+
+
+def stored_digests(path: str) -> tuple[str, dict[str, list[bytes]]]:
+    """A file written with a digest tensor: its ``"chunks"`` SHA-256 and per tensor its chunk digests.
+    Every chunk of every tensor is hashed again and must equal the digest stored for it (else
+    ``FormatError``), then the file's first bytes, header and stored digests are hashed, as
+    ``write_tensors`` did."""
     tf = TensorFile(path)
     try:
         sizes = json.loads(tf.metadata[CHUNKS_META])
         last = tf.keys()[-1]  # the digest tensor
-        again = b"".join(_chunk_digests(tf, key, chunk) for key, chunk in sizes)
-        stored = bytes(tf.read(last).numpy())
+        again = {key: _chunk_digests(tf, key, chunk) for key, chunk in sizes}
+        stored = bytearray(tf.numel(last))
+        tf.read_into(last, 0, len(stored), stored)
         head = os.pread(tf.fileno(), tf.header_bytes, 0)
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"{path}: header without its chunk sizes ({e!r}); the file is damaged — "
                           "restore it or re-save") from None
     finally:
         tf.close()
-    if stored != again:
+    if stored != b"".join(b"".join(d) for d in again.values()):
         raise FormatError(f"{path}: a chunk's SHA-256 differs from the one stored in the file (the file "
                           "was modified or damaged); restore it or re-save")
-    return hashlib.sha256(head + stored).hexdigest()
+    return hashlib.sha256(head + bytes(stored)).hexdigest(), again
 
 
-def _chunk_digests(tf: "TensorFile", key: str, chunk_elems: int) -> bytes:
+def _chunk_digests(tf: "TensorFile", key: str, chunk_elems: int) -> list[bytes]:
     """The SHA-256 of each ``chunk_elems``-element chunk of tensor ``key``, read one chunk at a time."""
-    step, total = chunk_elems * tf.dtype(key).itemsize, tf.numel(key) * tf.dtype(key).itemsize
+    step, total = chunk_elems * tf.itemsize(key), tf.numel(key) * tf.itemsize(key)
     out = []
     for lo in range(0, max(total, 1), step):
         buf = bytearray(min(step, total - lo))
         tf.read_into(key, lo, lo + len(buf), buf)
         out.append(hashlib.sha256(buf).digest())
-    return b"".join(out)
+    return out
 
 
-def tensor_bytes(t: torch.Tensor):
+def tensor_bytes(t):
     """A uint8 view of a CPU tensor's bytes (any dtype, bf16 included): zero-copy when contiguous."""
     return raw_bytes(t.detach().contiguous())
 
 
-def chunk_digests(t: torch.Tensor, chunk_elems: int) -> tuple[str, ...]:
-    flat = t.reshape(-1)
-    return tuple(hashlib.sha256(tensor_bytes(flat[i:i + chunk_elems])).hexdigest()
-                 for i in range(0, max(flat.numel(), 1), chunk_elems))
+# safetensors dtype codes: the dtype's name (torch's and the manifest's) and its size in bytes
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
+               "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
+            "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_CODES = {name: code for code, name in DTYPE_NAMES.items()}
+# NumPy has no bfloat16: its values travel as opaque 2-byte items, which copy and slice exactly
+BFLOAT16 = np.dtype([("bfloat16", "<u2")])
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_NAMES = {v: k for k, v in _DTYPES.items()}
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype that holds a manifest dtype's bytes (``BFLOAT16`` for bfloat16)."""
+    return BFLOAT16 if name == "bfloat16" else np.dtype(name)
+
+
+def array_dtype_name(a: np.ndarray) -> str:
+    """The manifest's dtype name of a NumPy array (``BFLOAT16`` arrays are bfloat16)."""
+    return "bfloat16" if a.dtype == BFLOAT16 else a.dtype.name
+
+
+@functools.cache
+def torch_dtypes() -> dict:
+    """safetensors dtype code -> torch dtype."""
+    import torch
+    return {code: getattr(torch, name) for code, name in DTYPE_NAMES.items()}
+
+
+def _flat(t) -> tuple[str, int, memoryview]:
+    """A torch tensor or NumPy array as (safetensors dtype code, elements, its bytes, row-major)."""
+    if is_tensor(t):
+        t = t.detach().reshape(-1).contiguous()
+        return _CODES[dtype_name(t.dtype)], t.numel(), memoryview(raw_bytes(t))
+    a = np.ascontiguousarray(t).reshape(-1)
+    return _CODES[array_dtype_name(a)], a.size, memoryview(a.view(np.uint8))
 
 
 @dataclass(frozen=True)
@@ -110,19 +148,21 @@ class Written:
     digest: str = "file"
 
 
+CHUNK_ELEMS = 1 << 16  # 256 KiB of fp32: the largest read-verification unit
 CHUNKS_META = "ucp.chunk_elems"  # header metadata of a shard: [[key, chunk elements], ...] in digest order
 
 
-def write_tensors(path: str, tensors: dict[str, torch.Tensor], chunks: dict[str, int] | None = None,
+def write_tensors(path: str, tensors: dict, chunks: dict[str, int] | None = None,
                   digest_key: str | None = None, sync: bool = True) -> Written:
-    """Write a safetensors file, fsynced, hashing every byte as it is written (never re-read): for
-    each key in ``chunks``, the SHA-256 of its consecutive ``chunks[key]``-element chunks. Without
-    ``digest_key`` the file's SHA-256 is of all its bytes. With ``digest_key`` the chunk digests are
-    stored in the same file as a last uint8 tensor of that name, every tensor must be chunked, and
-    the file's SHA-256 is of its first bytes, header and digest tensor (``digest="chunks"``): each
-    byte is hashed once. ``sync=False`` leaves the fsync to the caller (``fsync_path``)."""
+    """Write a safetensors file of torch tensors or NumPy arrays, fsynced, hashing every byte as it
+    is written (never re-read): for each key in ``chunks``, the SHA-256 of its consecutive
+    ``chunks[key]``-element chunks. Without ``digest_key`` the file's SHA-256 is of all its bytes.
+    With ``digest_key`` the chunk digests are stored in the same file as a last uint8 tensor of that
+    name, every tensor must be chunked, and the file's SHA-256 is of its first bytes, header and
+    digest tensor (``digest="chunks"``): each byte is hashed once. ``sync=False`` leaves the fsync
+    to the caller (``fsync_path``)."""
     chunks = chunks or {}
-    flats = {k: v.detach().reshape(-1).contiguous() for k, v in tensors.items()}
+    flats = {k: _flat(v) for k, v in tensors.items()}
     if digest_key and set(chunks) != set(flats):
         raise ValueError(f"{path}: with a digest tensor every tensor needs a chunk size")
     text = _header(flats, chunks, digest_key)
@@ -131,9 +171,8 @@ def write_tensors(path: str, tensors: dict[str, torch.Tensor], chunks: dict[str,
         for part in (len(text).to_bytes(8, "little"), text):
             f.write(part)
             whole.update(part)
-        for k, t in flats.items():
-            digests[k] = _write_hashed(f, None if digest_key else whole, tensor_bytes(t),
-                                       chunks.get(k, 0) * t.element_size())
+        for k, (code, _, data) in flats.items():
+            digests[k] = _write_hashed(f, None if digest_key else whole, data, chunks.get(k, 0) * ITEMSIZE[code])
         if digest_key:
             _write_hashed(f, whole, b"".join(d for k in flats for d in digests[k]), 0)
         f.flush()
@@ -146,8 +185,8 @@ def write_tensors(path: str, tensors: dict[str, torch.Tensor], chunks: dict[str,
 def _header(flats: dict, chunks: dict, digest_key: str | None) -> bytes:
     """The safetensors header, padded to 8 bytes; a shard's also names its chunk sizes, so that
     ``chunks_sha256`` can re-derive its digest from the file alone."""
-    n_digests = sum(_n_chunks(flats[k].numel(), c) for k, c in chunks.items())
-    layout = [(k, _NAMES[t.dtype], t.numel(), t.numel() * t.element_size()) for k, t in flats.items()]
+    n_digests = sum(_n_chunks(flats[k][1], c) for k, c in chunks.items())
+    layout = [(k, code, numel, len(data)) for k, (code, numel, data) in flats.items()]
     header, offset = {}, 0
     if digest_key:
         layout.append((digest_key, "U8", 32 * n_digests, 32 * n_digests))
@@ -166,7 +205,7 @@ def _n_chunks(numel: int, chunk: int) -> int:
 def _write_hashed(f, whole, data, chunk_bytes: int) -> list[bytes]:
     """Write ``data``; SHA-256 of each ``chunk_bytes`` chunk (none when 0); ``whole`` (a running
     SHA-256 of the file, or None) takes the bytes too.
-    An empty tensor has one chunk (the digest of no bytes), as ``chunk_digests`` counts."""
+    An empty tensor has one chunk (the digest of no bytes)."""
     step = chunk_bytes or (1 << 24)
     out = []
     for i in range(0, max(len(data), 1), step):
@@ -179,7 +218,7 @@ def _write_hashed(f, whole, data, chunk_bytes: int) -> list[bytes]:
     return out
 
 
-def save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> Written:
+def save_tensors(path: str, tensors: dict) -> Written:
     """safetensors file, fsynced; returns its size and SHA-256 (computed while writing)."""
     return write_tensors(path, tensors)
 
@@ -190,6 +229,7 @@ def open_tensors(path: str):
         raise FormatError(f"{path}: tensor file is missing; the checkpoint is incomplete — re-save it or "
                           "restore the file")
     try:
+        from safetensors import safe_open
         return safe_open(path, framework="pt")
     except Exception as e:  # safetensors raises its own error types; all mean "corrupt"
         raise FormatError(f"{path}: not a readable safetensors file ({e}); the file is truncated or "
@@ -231,15 +271,15 @@ class TensorFile:
         self.header_bytes = self._base = 8 + n
 
     @staticmethod
-    def _entry(key: str, info: dict, data_bytes: int) -> tuple[torch.dtype, int, int]:
-        dtype = _DTYPES[info["dtype"]]
+    def _entry(key: str, info: dict, data_bytes: int) -> tuple[str, int, int]:
+        code = info["dtype"]
         begin, end = (int(x) for x in info["data_offsets"])
         numel = 1
         for d in info["shape"]:
             numel *= int(d)
-        if not 0 <= begin <= end <= data_bytes or end - begin != numel * dtype.itemsize:
+        if not 0 <= begin <= end <= data_bytes or end - begin != numel * ITEMSIZE[code]:
             raise ValueError(f"tensor {key!r} lies outside the file or has the wrong size")
-        return dtype, begin, end
+        return code, begin, end
 
     def keys(self) -> list[str]:
         """The tensors' names, in the order their bytes lie in the file."""
@@ -253,24 +293,37 @@ class TensorFile:
             os.close(self._fd)
             self._fd = None
 
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __del__(self):
         try:
             self.close()
         except Exception:  # interpreter shutdown: nothing left to release
             pass
 
-    def _info(self, key: str) -> tuple[torch.dtype, int, int]:
+    def _info(self, key: str) -> tuple[str, int, int]:
         if key not in self._entries:
             raise FormatError(f"{self.path}: has no tensor {key!r}; the file is corrupt or from another "
                               "checkpoint — re-save it")
         return self._entries[key]
 
-    def dtype(self, key: str) -> torch.dtype:
-        return self._info(key)[0]
+    def dtype(self, key: str):
+        """Tensor ``key``'s torch dtype."""
+        return torch_dtypes()[self._info(key)[0]]
+
+    def dtype_name(self, key: str) -> str:
+        return DTYPE_NAMES[self._info(key)[0]]
+
+    def itemsize(self, key: str) -> int:
+        return ITEMSIZE[self._info(key)[0]]
 
     def numel(self, key: str) -> int:
-        dtype, begin, end = self._info(key)
-        return (end - begin) // dtype.itemsize
+        code, begin, end = self._info(key)
+        return (end - begin) // ITEMSIZE[code]
 
     def offset(self, key: str) -> int:
         """Where tensor ``key``'s bytes begin in the file."""
@@ -282,7 +335,7 @@ class TensorFile:
         _, begin, end = self._info(key)
         if not 0 <= byte_lo <= byte_hi <= end - begin:
             raise ValueError(f"{self.path}: bytes [{byte_lo}, {byte_hi}) lie outside tensor {key!r}")
-        view = memoryview(raw_bytes(dst) if torch.is_tensor(dst) else dst).cast("B")
+        view = memoryview(raw_bytes(dst) if is_tensor(dst) else dst).cast("B")
         if len(view) != byte_hi - byte_lo:
             raise ValueError(f"{self.path}: reading {byte_hi - byte_lo} bytes of {key!r} into {len(view)}")
         at, done = self._base + begin + byte_lo, 0
@@ -293,19 +346,20 @@ class TensorFile:
                                   "restore it or re-save the checkpoint")
             done += n
 
-    def read(self, key: str) -> torch.Tensor:
-        """Tensor ``key``, whole and flat, in a new tensor."""
+    def read(self, key: str):
+        """Tensor ``key``, whole and flat, in a new torch tensor."""
+        import torch
         out = torch.empty(self.numel(key), dtype=self.dtype(key))
         self.read_into(key, 0, out.numel() * out.element_size(), out)
         return out
 
 
-def raw_bytes(t: torch.Tensor):
+def raw_bytes(t):
     """A writable uint8 NumPy view of contiguous CPU tensor ``t``'s memory (any dtype)."""
     if not t.is_contiguous() or t.device.type != "cpu":
         raise ValueError(f"the bytes of a tensor of shape {tuple(t.shape)} on {t.device}: only a "
                          "contiguous CPU tensor is read or written in place")
-    return t.detach().reshape(-1).view(torch.uint8).numpy()
+    return t.detach().reshape(-1).view(torch_dtypes()["U8"]).numpy()
 
 
 def save_tree(stem: str, obj) -> list[tuple[str, int, str]]:

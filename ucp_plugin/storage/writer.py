@@ -25,9 +25,8 @@ from ..plan import IDENTITY, TRANSPOSED, transposed_rects
 from . import faults
 from .folder import in_use
 from .stale import owner_suffix, sweep
-from .files import atomic_write_text, fsync_path, save_tree, write_latest, write_tensors
+from .files import CHUNK_ELEMS, atomic_write_text, fsync_path, save_tree, write_latest, write_tensors
 
-CHUNK_ELEMS = 1 << 16  # 256 KiB of fp32: the largest read-verification unit
 MIN_CHUNK_ELEMS = 1 << 10
 
 

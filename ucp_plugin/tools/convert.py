@@ -10,48 +10,16 @@ from dataclasses import replace
 import torch
 
 from ..errors import FormatError
-from ..format import MANIFEST, Atom, FileEntry, Piece, Region
+from ..format import MANIFEST
 from ..storage import Checkpoint
-from ..storage.files import atomic_write_text, chunk_digests, save_tensors, sha256_file, write_tensors
-from ..storage.writer import CHUNK_ELEMS
+from ..storage.atom_files import write_atom
+from ..storage.files import atomic_write_text, save_tensors
 
 
 def _fresh_dir(out: str) -> None:
     if os.path.exists(out) and os.listdir(out):
         raise FormatError(f"{out}: output folder exists and is not empty; choose a new folder")
     os.makedirs(out, exist_ok=True)
-
-
-def _atom_file(name: str) -> str:
-    return f"atoms/{name.replace('/', '_')}.safetensors"
-
-
-def write_atom(out: str, atom: Atom, tensors: dict[str, torch.Tensor]) -> tuple[Atom, FileEntry]:
-    """One atom's states as ``atoms/<name>.safetensors`` under ``out`` (the consolidated form), fsynced:
-    the atom with its pieces, and the file's manifest entry."""
-    flat = {s: t.reshape(-1).contiguous() for s, t in tensors.items()}
-    return write_atom_file(os.path.join(out, _atom_file(atom.name)), atom, flat)
-
-
-def write_atom_file(path: str, atom: Atom, flat: dict[str, torch.Tensor], sync: bool = True) -> tuple[Atom, FileEntry]:
-    """An atom's 1-D states written to ``path`` (its file, or a temporary name to be renamed to it),
-    hashed as they are written (file SHA-256 and chunk digests, never re-read): the atom with its
-    pieces and the file's manifest entry. ``sync=False`` leaves the fsync to the caller."""
-    w = write_tensors(path, flat, chunks={s: CHUNK_ELEMS for s in flat}, sync=sync)
-    rel, whole = _atom_file(atom.name), Region.whole(atom.shape)
-    pieces = tuple(Piece(s, rel, s, whole, 0, atom.numel, 0, CHUNK_ELEMS, tuple(d.hex() for d in w.digests[s]))
-                   for s in flat)
-    return replace(atom, pieces=pieces), FileEntry(rel, w.bytes, w.sha256)
-
-
-def atom_record(out: str, atom: Atom, flat: dict[str, torch.Tensor]) -> tuple[Atom, FileEntry]:
-    """The manifest's view of an atom file already written with these 1-D states."""
-    rel = _atom_file(atom.name)
-    whole = Region.whole(atom.shape)
-    pieces = tuple(Piece(s, rel, s, whole, 0, atom.numel, 0, CHUNK_ELEMS, chunk_digests(t, CHUNK_ELEMS))
-                   for s, t in flat.items())
-    full = os.path.join(out, rel)
-    return replace(atom, pieces=pieces), FileEntry(rel, os.path.getsize(full), sha256_file(full))
 
 
 def convert(path: str, out: str) -> str:

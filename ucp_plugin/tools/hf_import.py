@@ -21,7 +21,7 @@ from ..format import MANIFEST, Atom, Layout, Manifest, Writer
 from ..language.hf import HfRule, HfSpec, match
 from ..megatron.checkpoint import model_info
 from ..storage.files import atomic_write_text, fsync_path
-from .convert import write_atom
+from ..storage.atom_files import write_atom
 from .hf_export import FAMILIES
 
 INDEX = "model.safetensors.index.json"

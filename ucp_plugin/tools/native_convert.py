@@ -1,20 +1,22 @@
 """``ucp convert NATIVE_DIR OUT``: a plain DeepSpeed ZeRO-1/2/3 checkpoint (``engine.save_checkpoint``
 without the plugin) rewritten offline as a universal checkpoint in the consolidated form.
 
-It reads through ``deepspeed.native.NativeSource`` (what ``engine.load_checkpoint`` with the plugin
+It reads through ``dsfiles.native.NativeSource`` (what ``engine.load_checkpoint`` with the plugin
 reads: ``plan.zero`` says which saved rank's file holds which element of each parameter). Streaming:
 each atom is assembled from its fragments into uninitialised buffers (every element is then counted as
-copied, instead of zero-filling first) and written once, hashed as it is written (whole-file SHA-256
-and per-chunk digests in the same pass), to a temporary name; a background thread fsyncs and renames
+copied, instead of zero-filling first) and written once, hashed as it is written (the chunk digests,
+stored in the file: format 1.2), to a temporary name; a background thread fsyncs and renames
 it to ``atoms/<name>.safetensors`` while the next atom is read. No temporary copy of the checkpoint.
+Neither torch nor DeepSpeed is imported (``dsfiles.ptfile`` reads the rank files into NumPy arrays):
+importing torch alone took longer than the whole conversion (docs/BENCHMARKS.md).
 
 Memory bound, one worker: one atom's S states (Adam: fp32, exp_avg, exp_avg_sq; at most S x L, L the
 largest parameter's fp32 bytes) plus the mapped rank-file pages touched since they were last given
 back (``NativeSource.release`` every L bytes read, checked after each state: below L + L), i.e.
 ``(S + 2) x L`` above the interpreter's baseline (a test checks it). ``workers`` threads convert
 disjoint atoms (copies, hashing, writes and fsyncs release the GIL): ``workers x S x L + (workers + 1)
-x L``. Resumable: an atom file at its final name is complete (renamed after its fsync) and is kept; the
-manifest, written last, commits.
+x L``. Resumable: an atom file at its final name is complete (renamed after its fsync) and is kept, once
+its stored digests match its bytes; the manifest, written last, commits.
 """
 from __future__ import annotations
 
@@ -22,14 +24,14 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import torch
+import numpy as np
 
 from .. import __version__
 from ..errors import FormatError
 from ..format import MANIFEST, Atom, FileEntry, Layout, Manifest, Writer
 from ..plan import zero as Z
-from ..storage.files import atomic_write_text, fsync_path, open_tensors, save_tree
-from .convert import _atom_file, atom_record, write_atom_file
+from ..storage.atom_files import atom_file, atom_record, write_atom_file
+from ..storage.files import atomic_write_text, fsync_path, numpy_dtype, save_tree
 
 ADAPTER = "deepspeed.native-convert"
 STAGES = {Z.PER_PARAM: 0, Z.ZERO3: 3}
@@ -37,25 +39,22 @@ PARTIAL = ".partial"  # an atom file being written; renamed once durable
 
 
 def _source(folder: str):
-    from ..deepspeed.native import NativeSource
+    from ..dsfiles.native import NativeSource
     return NativeSource(folder)
 
 
 def atom_bytes(atom: Atom) -> int:
-    return atom.numel * sum(getattr(torch, d).itemsize for d in atom.states.values())
+    return atom.numel * sum(numpy_dtype(d).itemsize for d in atom.states.values())
 
 
-def _finished(out: str, atom: Atom) -> dict[str, torch.Tensor] | None:
-    """The states of an atom file a previous run completed, or None."""
-    path = os.path.join(out, _atom_file(atom.name))
-    if not os.path.isfile(path):
+def _finished(out: str, atom: Atom) -> tuple[Atom, FileEntry] | None:
+    """The manifest's view of an atom file a previous run completed, or None."""
+    if not os.path.isfile(os.path.join(out, atom_file(atom.name))):
         return None
     try:
-        with open_tensors(path) as f:
-            flat = {s: f.get_tensor(s) for s in atom.states}
-    except Exception:  # not ours or damaged since: written again
+        return atom_record(out, atom)
+    except FormatError:  # not ours, damaged since, or from an older writer: written again
         return None
-    return flat if all(t.numel() == atom.numel for t in flat.values()) else None
 
 
 class Reader:
@@ -68,11 +67,11 @@ class Reader:
         self.source, self.budget, self.since = source, budget, 0
         self._lock = threading.Lock()
 
-    def state(self, atom: Atom, state: str) -> torch.Tensor:
-        dtype = getattr(torch, atom.states[state])
+    def state(self, atom: Atom, state: str) -> np.ndarray:
+        dtype = numpy_dtype(atom.states[state])
         out = self.source.view(atom.name, state)
-        if out is None or out.dtype != dtype or out.numel() != atom.numel:
-            out = torch.empty(atom.numel, dtype=dtype)
+        if out is None or out.dtype != dtype or out.size != atom.numel:
+            out = np.empty(atom.numel, dtype=dtype)
             copied = self.source.fill(out, atom.name, state)
         else:
             copied = atom.numel
@@ -81,7 +80,7 @@ class Reader:
                               f"{copied} of its {atom.numel} elements; the checkpoint is incomplete or "
                               "its files come from different saves")
         with self._lock:
-            self.since += out.numel() * out.element_size()
+            self.since += out.nbytes
             release = self.since >= self.budget
             if release:
                 self.since = 0
@@ -89,14 +88,14 @@ class Reader:
             self.source.release()
         return out
 
-    def atom(self, atom: Atom) -> dict[str, torch.Tensor]:
+    def atom(self, atom: Atom) -> dict[str, np.ndarray]:
         return {s: self.state(atom, s) for s in atom.states}
 
 
-def write_atom(out: str, atom: Atom, flat: dict[str, torch.Tensor]) -> tuple[Atom, FileEntry, str]:
+def write_atom(out: str, atom: Atom, flat: dict[str, np.ndarray]) -> tuple[Atom, FileEntry, str]:
     """One atom's 1-D states written to ``atoms/<name>.safetensors.partial``, hashed as written, not yet
     durable: the atom with its pieces, the file's manifest entry, and the temporary path."""
-    tmp = os.path.join(out, _atom_file(atom.name) + PARTIAL)
+    tmp = os.path.join(out, atom_file(atom.name) + PARTIAL)
     return (*write_atom_file(tmp, atom, flat, sync=False), tmp)
 
 
@@ -114,9 +113,9 @@ class Converter:
         self._pending: list[Future] = []
 
     def atom(self, atom: Atom) -> tuple[Atom, FileEntry]:
-        flat = _finished(self.out, atom)
-        if flat is not None:
-            return atom_record(self.out, atom, flat)
+        record = _finished(self.out, atom)
+        if record is not None:
+            return record
         done, entry, tmp = write_atom(self.out, atom, self.reader.atom(atom))
         self._pending.append(self._commits.submit(_commit, tmp))
         return done, entry

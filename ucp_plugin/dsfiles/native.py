@@ -1,32 +1,31 @@
 """Read a native DeepSpeed checkpoint (``engine.save_checkpoint`` without this plugin) as a *source* for
 ``load.py``, so it can be loaded on any DP size / ZeRO stage / dtype.
 
-Files are opened with ``torch.load(weights_only=True, mmap=True)``: DeepSpeed's optimizer files pickle
-a few of its own classes (``LossScaler``, ``ZeroStageEnum``, ``fragment_address``); those names are
-mapped to the inert stand-ins below, so no DeepSpeed (or other) code runs while reading, and any
-other class is refused. The saved layout (DP size, ZeRO stage, wrapper, param groups in flat order)
+Files are read by ``ptfile.PtFile`` (an allowlist unpickler, as ``torch.load(weights_only=True)``,
+without torch: tensors are NumPy arrays over a mapping of the file). DeepSpeed's optimizer files
+pickle a few of its own classes (``LossScaler``, ``ZeroStageEnum``, ``fragment_address``); those
+names are mapped to the inert stand-ins below, so no DeepSpeed (or other) code runs while reading,
+and any other class is refused. The saved layout (DP size, ZeRO stage, wrapper, param groups in flat order)
 comes from the model-states file; ``plan.zero`` then says which saved rank's file holds which
 element of each parameter, and only those files are opened.
 """
 from __future__ import annotations
 
-import ctypes
 import glob
 import math
-import mmap
 import os
-import pickle
-import sys
 import threading
 
-import torch
+import numpy as np
 
 from ..errors import FormatError, UnsupportedError
-from ..format import Atom, dtype_name
+from ..format import Atom, is_scalar, scalar_value
+from ..language import Replicated
 from ..plan import zero as Z
-from .optim_state import is_scalar, scalar
-from .params import SPLIT
+from ..storage.files import array_dtype_name, numpy_dtype
+from .ptfile import PtFile, as_torch
 
+SPLIT = Replicated().to_json()  # a plain DeepSpeed parameter is never split over TP
 DS_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
            "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
            "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
@@ -49,60 +48,20 @@ class FragmentAddress:
     """Stand-in for deepspeed.utils.tensor_fragment.fragment_address."""
 
 
-SAFE_GLOBALS = [(LossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
-                (DynamicLossScaler, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
-                (ZeroStageEnum, "deepspeed.runtime.zero.config.ZeroStageEnum"),
-                (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address")]
+CLASSES = {("deepspeed.runtime.fp16.loss_scaler", "LossScaler"): LossScaler,
+           ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"): DynamicLossScaler,
+           ("deepspeed.runtime.zero.config", "ZeroStageEnum"): ZeroStageEnum,
+           ("deepspeed.utils.tensor_fragment", "fragment_address"): FragmentAddress}
 
 
 def safe_load(path: str) -> dict:
-    """``torch.load(weights_only=True)`` with DeepSpeed's classes mapped to stand-ins."""
-    return load_mapped(path)[0]
+    """A DeepSpeed ``.pt`` file's object with torch tensors (``PtFile`` plus ``as_torch``)."""
+    return as_torch(PtFile(path, CLASSES).obj)
 
 
-def load_mapped(path: str) -> tuple[dict, bool]:
-    """``safe_load``, and whether the tensors are views of a file mapping (not of the legacy format's
-    private copy): only then may their pages be dropped and read again from the file."""
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise FormatError(f"{path}: cannot read ({e})") from None
-        except pickle.UnpicklingError as e:
-            raise FormatError(f"{path}: refused by the weights-only loader ({str(e).splitlines()[0]}); it "
-                              "holds objects other than tensors and DeepSpeed's known metadata") from None
-        return torch.load(path, map_location="cpu", weights_only=True), False  # legacy (non-zip) format
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-if _LIBC is not None:
-    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-MADV_DONTNEED = 4  # Linux's value
-
-
-def mapped_ranges(obj) -> list[tuple[int, int]]:
-    """(address, bytes) of the storage of every tensor in a loaded object (dicts, lists, tuples)."""
-    found, todo = {}, [obj]
-    while todo:
-        o = todo.pop()
-        if torch.is_tensor(o):
-            s = o.untyped_storage()
-            found[s.data_ptr()] = s.nbytes()
-        elif isinstance(o, dict):
-            todo.extend(o.values())
-        elif isinstance(o, (list, tuple)):
-            todo.extend(o)
-    return list(found.items())
-
-
-def drop_pages(ranges: list[tuple[int, int]]) -> None:
-    """``madvise(MADV_DONTNEED)``: the process gives back the mapped pages it touched (they leave its
-    RSS; the file's pages are read again, from the page cache, if touched again). Only for read-only
-    file mappings, whose pages never differ from the file."""
-    for ptr, n in ranges:
-        lo = ptr - ptr % mmap.PAGESIZE
-        _LIBC.madvise(lo, ptr + n - lo, MADV_DONTNEED)  # a range partly unmapped fails harmlessly
+def _tensors(entry: dict) -> dict[str, np.ndarray]:
+    """The per-element states of an optimizer state entry (arrays of at least one dimension)."""
+    return {k: v for k, v in entry.items() if isinstance(v, np.ndarray) and v.ndim > 0}
 
 
 def is_native(folder: str) -> bool:
@@ -135,7 +94,7 @@ def _kind(cfg: dict, folder: str) -> tuple[str, str]:
 class NativeSource:
     def __init__(self, folder: str):
         self.path = folder
-        self._mapped: list[tuple[int, int]] = []  # pages release() may drop
+        self._loaded: list[PtFile] = []  # their pages release() may drop
         self._lock = threading.Lock()  # files are loaded once, by one thread (readers may be threads)
         self.model = self._load(model_states_file(folder, 0))  # stage 0 and buffers read from it
         cfg = self.model.get("ds_config") or {}
@@ -155,7 +114,7 @@ class NativeSource:
     def _groups(self) -> list[list[tuple[str, int]]]:
         if self.kind == Z.PER_PARAM:
             names = [k for k in self.model["module"] if k not in self.buffer_names]
-            return [[(n, self.model["module"][n].numel()) for n in names]]
+            return [[(n, self.model["module"][n].size) for n in names]]
         return [[(n, math.prod(s)) for n, s in g.items()] for g in self.model["param_shapes"]]
 
     def _optim(self, rank: int) -> dict:
@@ -182,10 +141,9 @@ class NativeSource:
             return self._files[path]
 
     def _load(self, path: str) -> dict:
-        obj, mapped = load_mapped(path)
-        if mapped and _LIBC is not None:
-            self._mapped += mapped_ranges(obj)
-        return obj
+        f = PtFile(path, CLASSES)
+        self._loaded.append(f)
+        return f.obj
 
     def _entry(self, rank: int, index: int) -> dict:
         state = self._optim(rank)["base"]["state"]
@@ -196,9 +154,8 @@ class NativeSource:
         entry = self._entry(first.rank, first.index)
         size = numel if self.kind == Z.PER_PARAM else self.layout.for_rank(first.rank)[first.index].numel
         states = {"fp32": "float32"}
-        states.update({k: dtype_name(v.dtype) for k, v in entry.items()
-                       if torch.is_tensor(v) and v.dim() > 0 and v.numel() == size})
-        scalars = {k: scalar(v) for k, v in entry.items() if is_scalar(v)}
+        states.update({k: array_dtype_name(v) for k, v in _tensors(entry).items() if v.size == size})
+        scalars = {k: scalar_value(v) for k, v in entry.items() if is_scalar(v)}
         return Atom(name, "param", tuple(shape), SPLIT, states, scalars)
 
     def _atoms(self) -> dict[str, Atom]:
@@ -212,11 +169,11 @@ class NativeSource:
             frozen = {n: t.shape for n, t in module.items() if n not in atoms and n not in self.buffer_names}
         fragments = self.model.get("frozen_param_fragments") or {}
         for name, shape in frozen.items():
-            dtype = (fragments.get(name) if name in fragments else module[name]).dtype
-            atoms[name] = Atom(name, "frozen", tuple(shape), SPLIT, {"param": dtype_name(dtype)})
+            saved = fragments[name] if name in fragments else module[name]
+            atoms[name] = Atom(name, "frozen", tuple(shape), SPLIT, {"param": array_dtype_name(saved)})
         for name in self.buffer_names:
             t = module[name]
-            atoms[name] = Atom(name, "buffer", tuple(t.shape), SPLIT, {"param": dtype_name(t.dtype)})
+            atoms[name] = Atom(name, "buffer", tuple(t.shape), SPLIT, {"param": array_dtype_name(t)})
         if self.kind == Z.PER_PARAM:
             self._check_stage0_order()
         return atoms
@@ -227,25 +184,28 @@ class NativeSource:
         names = [n for n, _ in self.groups[0]]
         base, module = self.model["optimizer"], self.model["module"]
         count = sum(len(g["params"]) for g in base["param_groups"])
-        bad = [i for i, e in base["state"].items() for v in e.values() if torch.is_tensor(v) and v.dim() > 0
-               and (int(i) >= len(names) or tuple(v.shape) != tuple(module[names[int(i)]].shape))]
+        bad = [i for i, e in base["state"].items() for v in _tensors(e).values()
+               if (int(i) >= len(names) or tuple(v.shape) != tuple(module[names[int(i)]].shape))]
         if count != len(names) or bad:
             raise UnsupportedError(f"{self.path}: the stage-0 optimizer does not hold the model's parameters in "
                                    "model order, so its states cannot be matched to names")
 
-    def read(self, name: str, state: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        out = torch.zeros(stop - start, dtype=dtype)
+    def read(self, name: str, state: str, start: int, stop: int, dtype):
+        """Elements ``[start, stop)`` of a state as a torch tensor of ``dtype`` (the loader's read;
+        zeros where the files hold nothing)."""
+        out = np.zeros(stop - start, numpy_dtype(self.atoms[name].states[state]))
         self.fill(out, name, state, start)
-        return out
+        return as_torch(out).to(dtype)
 
-    def fill(self, out: torch.Tensor, name: str, state: str, start: int = 0) -> int:
+    def fill(self, out: np.ndarray, name: str, state: str, start: int = 0) -> int:
         """Copy elements ``[start, start + len(out))`` of a state into ``out``; returns how many the
         saved files held (fewer than ``len(out)`` only if a fragment is missing: the caller may then
         not rely on ``out`` being initialised)."""
-        meta, stop = self.atoms[name], start + out.numel()
+        meta, stop = self.atoms[name], start + out.size
         whole = self._whole(name, state)
         if whole is not None:
-            return out.copy_(whole.reshape(-1)[start:stop]).numel()
+            out[...] = whole.reshape(-1)[start:stop]
+            return out.size
         if meta.kind == "frozen":
             numel = math.prod(meta.shape)
             ps = Z.zero3_partition_numel(numel, self.dp)
@@ -257,12 +217,12 @@ class NativeSource:
                               lambda pl=pl: self._buffer(pl.rank, pl.index, state), pl.fragment.buffer_offset)
                    for pl in self.layout.locate(name))
 
-    def view(self, name: str, state: str) -> torch.Tensor | None:
+    def view(self, name: str, state: str) -> np.ndarray | None:
         """The whole state as a 1-D view of the loaded (mapped) file, no copy, when one saved place
         holds all of it; None when it is split over ranks (``fill`` assembles it then)."""
         whole = self._whole(name, state)
         if whole is not None:
-            return whole.reshape(-1) if whole.is_contiguous() else None
+            return whole.reshape(-1) if whole.flags.c_contiguous else None
         places = [] if self.atoms[name].kind == "frozen" else self.layout.locate(name)
         if len(places) != 1 or places[0].fragment.length != self.atoms[name].numel:
             return None
@@ -270,7 +230,7 @@ class NativeSource:
         return self._buffer(places[0].rank, places[0].index, state).reshape(-1)[f.buffer_offset:
                                                                                f.buffer_offset + f.length]
 
-    def _whole(self, name: str, state: str) -> torch.Tensor | None:
+    def _whole(self, name: str, state: str) -> np.ndarray | None:
         """The saved tensor of a state that is never partitioned (buffers, ZeRO-1/2 frozen parameters,
         stage 0), else None."""
         meta = self.atoms[name]
@@ -282,13 +242,9 @@ class NativeSource:
 
     def release(self) -> None:
         """Give back the pages of the mapped files touched so far (a streaming reader calls this every
-        so many bytes, so they do not accumulate in its memory). Where pages cannot be dropped (not
-        Linux, legacy files) the files are closed instead and loaded again when needed."""
-        if _LIBC is not None:
-            drop_pages(self._mapped)
-            return
-        with self._lock:
-            self._files.clear()
+        so many bytes, so they do not accumulate in its memory)."""
+        for f in list(self._loaded):
+            f.release()
 
     def _model_states(self, rank: int) -> dict:
         return self._cached(model_states_file(self.path, rank), self._load)
@@ -296,7 +252,7 @@ class NativeSource:
     def _index(self, name: str) -> int:
         return [n for n, _ in self.groups[0]].index(name)
 
-    def _buffer(self, rank: int, index: int, state: str) -> torch.Tensor:
+    def _buffer(self, rank: int, index: int, state: str) -> np.ndarray:
         files = self._optim(rank)
         return files["fp32"][index] if state == "fp32" else self._entry(rank, index)[state]
 
@@ -311,18 +267,18 @@ class NativeSource:
 
     def common_state(self) -> dict:
         files = self._optim(0)
-        return common_state(self.model, files["base"]["param_groups"], files.get("osd", {}))
+        return as_torch(common_state(self.model, files["base"]["param_groups"], files.get("osd", {})))
 
     def rank_state(self, rank: int, world_size: int) -> None:
         return None  # DeepSpeed does not save RNG states
 
     def bytes(self) -> None:
-        return None  # torch.load maps whole files
+        return None  # files are mapped whole
 
 
 def common_state(model: dict, param_groups: list, osd: dict) -> dict:
     """The ``state.py`` schema from a DeepSpeed model-states dict, the base optimizer's param groups and
-    the ZeRO wrapper's state dict (loss scaler, clipping); shared with ``ds_universal``."""
+    the ZeRO wrapper's state dict (loss scaler, clipping); shared with ``universal``."""
     scaler = osd.get("loss_scaler")
     return {"engine": {k: model.get(k) for k in ("global_steps", "global_samples", "skipped_steps")},
             "lr_scheduler": model.get("lr_scheduler"),

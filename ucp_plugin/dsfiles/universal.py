@@ -8,7 +8,7 @@ bare flat tensor from a ZeRO-3 one) and, for ZeRO-1/2, ``step.pt``; ``zero/optim
 groups, loss scaler, and for ZeRO-3 the optimizer's per-sub-group ``step``); and copies of the
 checkpoint's model-states files, which give the parameter order and shapes, frozen parameters, buffers,
 the LR scheduler and the engine counters. Every file is read with ``native.safe_load``
-(``torch.load(weights_only=True)``, DeepSpeed's metadata classes mapped to inert stand-ins).
+(``ptfile.PtFile``: an allowlist unpickler, DeepSpeed's metadata classes mapped to inert stand-ins).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from ..errors import FormatError, UnsupportedError
 from ..format import Atom, dtype_name
 from . import native
-from .params import SPLIT
+from .native import SPLIT
 
 ZERO_DIR, OPTIMIZER_FILE, WEIGHT_FILE = "zero", "optimizer_state.pt", "fp32.pt"
 SCALAR_FILES = ("step.pt",)
@@ -143,7 +143,7 @@ class DsUniversalSource:
         return None  # DeepSpeed saves no RNG states
 
     def bytes(self) -> None:
-        return None  # torch.load maps whole files
+        return None  # files are mapped whole
 
 
 def _number(t) -> int | float:
