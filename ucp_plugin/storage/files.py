@@ -106,7 +106,7 @@ DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bf
                "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
             "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_CODES = {name: code for code, name in DTYPE_NAMES.items()}
+DTYPE_CODES = {name: code for code, name in DTYPE_NAMES.items()}
 # NumPy has no bfloat16: its values travel as opaque 2-byte items, which copy and slice exactly
 BFLOAT16 = np.dtype([("bfloat16", "<u2")])
 
@@ -132,9 +132,9 @@ def _flat(t) -> tuple[str, int, memoryview]:
     """A torch tensor or NumPy array as (safetensors dtype code, elements, its bytes, row-major)."""
     if is_tensor(t):
         t = t.detach().reshape(-1).contiguous()
-        return _CODES[dtype_name(t.dtype)], t.numel(), memoryview(raw_bytes(t))
+        return DTYPE_CODES[dtype_name(t.dtype)], t.numel(), memoryview(raw_bytes(t))
     a = np.ascontiguousarray(t).reshape(-1)
-    return _CODES[array_dtype_name(a)], a.size, memoryview(a.view(np.uint8))
+    return DTYPE_CODES[array_dtype_name(a)], a.size, memoryview(a.view(np.uint8))
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ import os
 import torch
 
 from ..errors import FormatError
-from .files import _DTYPES, tensor_bytes
-
-ST_DTYPES = {dtype: name for name, dtype in _DTYPES.items()}
+from ..format import dtype_name
+from .files import DTYPE_CODES, tensor_bytes
 
 
 class StreamWriter:
@@ -28,7 +27,8 @@ class StreamWriter:
             size = dtype.itemsize
             for s in shape:
                 size *= s
-            header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {"dtype": DTYPE_CODES[dtype_name(dtype)], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
