@@ -172,13 +172,16 @@ def test_resumes_after_interruption(native, tmp_path, monkeypatch):
     _same(native["z2"], out)
 
 
+# VmHWM, not ru_maxrss: Linux carries a parent's peak RSS into ru_maxrss across fork and exec, so a
+# child of this (torch-loaded) test process would report at least the parent's peak
 PROBE = """
-import json, resource, sys
+import json, sys
 from ucp_plugin.tools import native_convert as N
 src = N._source(sys.argv[1])
 if sys.argv[2] != "-":
     N.convert_native(sys.argv[1], sys.argv[2])
-print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak_kib": int(hwm.split()[1])}))
 """
 
 
