@@ -55,6 +55,20 @@ def test_refuses_globals_outside_the_allowlist(tmp_path):
         PtFile(path)
 
 
+def test_refuses_a_forged_tensor(tmp_path):
+    """A pickle that hands ``_rebuild_tensor_v2`` a string instead of a storage is refused, not run."""
+    import zipfile
+    path, forged = str(tmp_path / "x.pt"), str(tmp_path / "forged.pt")
+    torch.save({"w": torch.ones(2)}, path)
+    # protocol 2: _rebuild_tensor_v2("abc", 0, (1,), (1,), False) (GLOBAL, MARK, args, TUPLE, REDUCE)
+    call = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(X\x03\x00\x00\x00abcK\x00K\x01\x85K\x01\x85\x89tR."
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(forged, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info, call if info.filename.endswith("data.pkl") else src.read(info))
+    with pytest.raises(FormatError, match=r"forged\.pt: refused or unreadable \('str' object has no attribute"):
+        PtFile(forged)
+
+
 def test_refuses_a_tensor_outside_its_storage():
     with pytest.raises(ValueError, match="lies outside its storage"):
         _rebuild_tensor(np.zeros(4, np.float32), 0, (3,), (2,))

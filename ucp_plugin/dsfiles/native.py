@@ -5,9 +5,10 @@ Files are read by ``ptfile.PtFile`` (an allowlist unpickler, as ``torch.load(wei
 without torch: tensors are NumPy arrays over a mapping of the file). DeepSpeed's optimizer files
 pickle a few of its own classes (``LossScaler``, ``ZeroStageEnum``, ``fragment_address``); those
 names are mapped to the inert stand-ins below, so no DeepSpeed (or other) code runs while reading,
-and any other class is refused. The saved layout (DP size, ZeRO stage, wrapper, param groups in flat order)
-comes from the model-states file; ``plan.zero`` then says which saved rank's file holds which
-element of each parameter, and only those files are opened.
+and any other class is refused. The saved layout (DP size, ZeRO stage, wrapper, param groups in flat
+order) comes from the model-states file; ``plan.zero`` then says which saved rank's file holds which
+element of each parameter, and only those files are opened. The loader's ``read`` returns torch
+tensors; ``view`` and ``fill`` (the offline converter's) work on NumPy arrays, so it never needs torch.
 """
 from __future__ import annotations
 

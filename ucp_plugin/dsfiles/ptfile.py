@@ -21,7 +21,7 @@ import zipfile
 
 import numpy as np
 
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError, UCPError, UnsupportedError
 from ..storage.files import BFLOAT16, torch_dtypes
 
 # torch.save's storage classes and the dtype of their elements
@@ -105,7 +105,9 @@ class PtFile:
         self._storages: dict[str, np.ndarray] = {}
         try:
             self.obj = self._load({**GLOBALS, **(classes or {})})
-        except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+        except UCPError:
+            raise
+        except Exception as e:  # whatever a damaged or hostile pickle makes the unpickler raise
             why = (str(e).splitlines() or [type(e).__name__])[0]
             raise FormatError(f"{path}: refused or unreadable ({why}); it holds objects other than tensors "
                               "and DeepSpeed's known metadata, or is damaged") from None
