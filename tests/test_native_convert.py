@@ -1,9 +1,10 @@
-"""``ucp convert NATIVE_DIR OUT``: plain DeepSpeed checkpoints (ZeRO-2 and ZeRO-3, DP2) converted
-offline. The result must verify, hold exactly what the plugin reads from the native checkpoint (every
-atom state, scalars, training state), be byte for byte what the plain composition of the library's
-pieces writes (``NativeSource.read`` + ``atom_files.write_atom``: manifest and every file), resume after an
-interruption without redoing finished atoms, and stay within the stated memory bound on a model whose
-largest parameter is 13.2 M elements."""
+"""``ucp convert NATIVE_DIR OUT``: plain DeepSpeed checkpoints (ZeRO-2 and ZeRO-3 fp32, ZeRO-1 bf16 through
+DeepSpeed's BF16_Optimizer; DP2) converted offline without torch or DeepSpeed. The rank files as read
+must equal ``torch.load``'s; the result must verify, hold exactly what the plugin reads from the
+native checkpoint (every atom state, scalars, training state), be byte for byte what the plain
+composition of the library's pieces writes (``NativeSource.read`` + ``atom_files.write_atom``:
+manifest and every file), resume after an interruption without redoing finished atoms, and stay
+within the stated memory bound on a model whose largest parameter is 13.2 M elements."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,8 @@ from ucp_plugin.testing.launcher import run_workers
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIG = {"vocab": 200_000, "d": 66}  # wte and head: 13.2 M elements each (53 MB fp32)
-SOURCES = {"z2": (C(2, "fp32", 2), None), "z3": (C(3, "fp32", 2), None), "big_z2": (C(2, "fp32", 2), BIG)}
+SOURCES = {"z2": (C(2, "fp32", 2), None), "z3": (C(3, "fp32", 2), None), "big_z2": (C(2, "fp32", 2), BIG),
+           "bf16_z1": (C(1, "bf16", 2, grad_accum_dtype="fp32"), None)}  # BF16_Optimizer: bf16 weights
 
 
 def _env() -> dict:
@@ -71,7 +73,7 @@ def _files(folder: str) -> dict[str, bytes]:
             for d, _, names in os.walk(folder) for f in names}
 
 
-@pytest.mark.parametrize("name,workers", [("z2", 1), ("z3", 2)])
+@pytest.mark.parametrize("name,workers", [("z2", 1), ("z3", 2), ("bf16_z1", 2)])
 def test_converted_equals_native(native, tmp_path, name, workers):
     from ucp_plugin.cli.main import main
     from ucp_plugin.tools.verify import verify
@@ -99,7 +101,7 @@ def test_reads_what_torch_load_reads_and_converts_without_torch(native, tmp_path
     included; and ``ucp convert`` of a native checkpoint imports neither torch nor DeepSpeed."""
     from ucp_plugin.dsfiles.native import CLASSES
     from ucp_plugin.dsfiles.ptfile import PtFile, as_torch
-    for name in ("z2", "z3"):
+    for name in ("z2", "z3", "bf16_z1"):
         for f in sorted(os.listdir(native[name])):
             path = os.path.join(native[name], f)
             got, want = as_torch(PtFile(path, CLASSES).obj), torch.load(path, weights_only=False)
