@@ -12,6 +12,13 @@ from ucp_plugin.storage import Checkpoint
 from ucp_plugin.testing import nccl_rule
 from ucp_plugin.testing.launcher import run_workers
 
+# a two-layer GPT and Mixtral trained SAVE_AFTER steps, saved, and resumed for the remaining three
+SAVE_AFTER = 2
+SETTINGS = dict(steps=SAVE_AFTER + 3, global_batch=4, lr=1e-2)
+SIZES = dict(hidden=32, heads=4, ffn=64, layers=2, vocab=100, divisible_by=32, seq_length=16)
+GPT = dict(SIZES, tied=True)
+MIXTRAL = dict(SIZES, query_groups=2, ffn=48, experts=4, moe_ffn=40)
+
 
 def run_campaign(runs: list[dict], target: str = "mg_workers:run_plan", env: dict | None = None,
                  timeout: float = 1200) -> dict:

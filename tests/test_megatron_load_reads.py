@@ -8,15 +8,10 @@ is exactly what is copied (verification reads whole SHA-256 chunks, which two ra
 import pytest
 import torch
 
-from campaign import ok, rel, run_campaign
+from campaign import GPT, MIXTRAL, SAVE_AFTER, SETTINGS, ok, rel, run_campaign
 from ucp_plugin.storage import Checkpoint
 
 pytestmark = pytest.mark.slow
-SAVE_AFTER = 2
-SETTINGS = dict(steps=SAVE_AFTER + 3, global_batch=4, lr=1e-2)
-SIZES = dict(hidden=32, heads=4, ffn=64, layers=2, vocab=100, divisible_by=32, seq_length=16)
-GPT = dict(SIZES, tied=True)
-MIXTRAL = dict(SIZES, query_groups=2, ffn=48, experts=4, moe_ffn=40)
 FROZEN = ("embedding.position_embeddings.weight",)
 CASES = {  # name: (family, model, saved at, loaded at (DP2, the DistributedOptimizer), frozen)
     "gpt-TP2->DP2-frozen": ("gpt", GPT, {"tp": 2}, {"dp": 2}, FROZEN),

@@ -13,15 +13,10 @@
 """
 import pytest
 
-from campaign import assert_same_atoms, ok, rel, run_campaign
+from campaign import GPT, MIXTRAL, SAVE_AFTER, SETTINGS, assert_same_atoms, ok, rel, run_campaign
 from ucp_plugin.storage import Checkpoint
 
 pytestmark = pytest.mark.slow
-SAVE_AFTER = 2
-SETTINGS = dict(steps=SAVE_AFTER + 3, global_batch=4, lr=1e-2)
-SIZES = dict(hidden=32, heads=4, ffn=64, layers=2, vocab=100, divisible_by=32, seq_length=16)
-GPT = dict(SIZES, tied=True)
-MIXTRAL = dict(SIZES, query_groups=2, ffn=48, experts=4, moe_ffn=40)
 DROPOUT = dict(hidden_dropout=0.1, attention_dropout=0.1)
 EXPERT_BIAS = dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
                    moe_router_bias_update_rate=1e-2)

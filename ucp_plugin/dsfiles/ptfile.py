@@ -128,7 +128,8 @@ class PtFile:
             if order is not None and z.read(order).decode() != "little":
                 raise UnsupportedError(f"{self.path}: saved on a big-endian machine; not supported")
             data = z.read(pkl)
-        self._members = {n[len(root) + 5:]: i for n, i in infos.items() if n.startswith(root + "data/")}
+        storages = root + "data/"
+        self._members = {n[len(storages):]: i for n, i in infos.items() if n.startswith(storages)}
         return _Unpickler(data, allowed, self._storage).load()
 
     def _storage(self, dtype: np.dtype, key: str, numel: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import os
 import torch
 
 from ..errors import FormatError, UnsupportedError
-from ..format import Atom, dtype_name
+from ..format import Atom, dtype_name, scalar_value
 from . import native
 from .native import SPLIT
 
@@ -102,9 +102,9 @@ class DsUniversalSource:
     def _scalars(self, name: str) -> dict:
         path = os.path.join(self.path, ZERO_DIR, name, "step.pt")
         if os.path.isfile(path):
-            return {"step": _number(native.safe_load(path))}
+            return {"step": scalar_value(native.safe_load(path))}
         # ZeRO-3: the folder keeps the optimizer's own state dict, one ``step`` per sub-group
-        steps = [_number(e["step"]) for e in ((self.optim.get("optimizer_state_dict") or {}).get("state") or {})
+        steps = [scalar_value(e["step"]) for e in ((self.optim.get("optimizer_state_dict") or {}).get("state") or {})
                  .values() if "step" in e]
         return {"step": max(steps)} if steps else {}
 
@@ -144,9 +144,4 @@ class DsUniversalSource:
 
     def bytes(self) -> None:
         return None  # files are mapped whole
-
-
-def _number(t) -> int | float:
-    v = t.item() if torch.is_tensor(t) else t
-    return int(v) if float(v).is_integer() else float(v)
 

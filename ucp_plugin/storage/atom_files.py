@@ -36,12 +36,13 @@ def atom_record(out: str, atom: Atom) -> tuple[Atom, FileEntry]:
     stored chunk digests, each checked against the bytes (``FormatError`` if the file is damaged or
     does not hold the atom's states)."""
     full = os.path.join(out, atom_file(atom.name))
-    sha, digests = stored_digests(full)
     with TensorFile(full) as tf:
         held = {k: (tf.dtype_name(k), tf.numel(k)) for k in tf.keys() if k != DIGESTS}
-    if held != {s: (d, atom.numel) for s, d in atom.states.items()}:
-        raise FormatError(f"{full}: holds {held}, not the states of parameter {atom.name!r}; remove it")
-    return _record(atom, digests, FileEntry(atom_file(atom.name), os.path.getsize(full), sha, "chunks"))
+        if held != {s: (d, atom.numel) for s, d in atom.states.items()}:
+            raise FormatError(f"{full}: holds {held}, not the states of parameter {atom.name!r}; remove it")
+        sha, digests = stored_digests(tf)
+        size = os.fstat(tf.fileno()).st_size
+    return _record(atom, digests, FileEntry(atom_file(atom.name), size, sha, "chunks"))
 
 
 def _record(atom: Atom, digests: dict[str, list[bytes]], entry: FileEntry) -> tuple[Atom, FileEntry]:

@@ -57,15 +57,15 @@ def file_sha256(path: str, digest: str) -> str:
 
 def chunks_sha256(path: str) -> str:
     """A shard's ``"chunks"`` digest, re-derived from its bytes (``stored_digests``)."""
-    return stored_digests(path)[0]
+    with TensorFile(path) as tf:
+        return stored_digests(tf)[0]
 
 
-def stored_digests(path: str) -> tuple[str, dict[str, list[bytes]]]:
-    """A file written with a digest tensor: its ``"chunks"`` SHA-256 and per tensor its chunk digests.
-    Every chunk of every tensor is hashed again and must equal the digest stored for it (else
-    ``FormatError``), then the file's first bytes, header and stored digests are hashed, as
+def stored_digests(tf: "TensorFile") -> tuple[str, dict[str, list[bytes]]]:
+    """An open file written with a digest tensor: its ``"chunks"`` SHA-256 and per tensor its chunk
+    digests. Every chunk of every tensor is hashed again and must equal the digest stored for it
+    (else ``FormatError``), then the file's first bytes, header and stored digests are hashed, as
     ``write_tensors`` did."""
-    tf = TensorFile(path)
     try:
         sizes = json.loads(tf.metadata[CHUNKS_META])
         last = tf.keys()[-1]  # the digest tensor
@@ -74,12 +74,10 @@ def stored_digests(path: str) -> tuple[str, dict[str, list[bytes]]]:
         tf.read_into(last, 0, len(stored), stored)
         head = os.pread(tf.fileno(), tf.header_bytes, 0)
     except (ValueError, KeyError, TypeError) as e:
-        raise FormatError(f"{path}: header without its chunk sizes ({e!r}); the file is damaged — "
+        raise FormatError(f"{tf.path}: header without its chunk sizes ({e!r}); the file is damaged — "
                           "restore it or re-save") from None
-    finally:
-        tf.close()
     if stored != b"".join(b"".join(d) for d in again.values()):
-        raise FormatError(f"{path}: a chunk's SHA-256 differs from the one stored in the file (the file "
+        raise FormatError(f"{tf.path}: a chunk's SHA-256 differs from the one stored in the file (the file "
                           "was modified or damaged); restore it or re-save")
     return hashlib.sha256(head + bytes(stored)).hexdigest(), again
 
